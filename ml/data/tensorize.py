@@ -1,0 +1,75 @@
+"""The one text-to-tensor path, used by training, evaluation, the predictor and the service."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ml.vocab import PAD_ID, UNK_ID, Vocabularies, casing, word_key
+
+
+@dataclass
+class Batch:
+    words: Tensor  # (B, T) word ids, PAD_ID past each sentence's end
+    chars: Tensor  # (B, T, C) char ids
+    cases: Tensor  # (B, T) casing classes
+    mask: Tensor  # (B, T) bool, True at real tokens
+    tags: Optional[Tensor] = None  # (B, T) gold tag ids
+    lm_targets: Optional[Tensor] = None  # (B, T) ids for the auxiliary language model
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in (self.words, self.chars, self.cases, self.mask, self.tags, self.lm_targets)))
+
+    @property
+    def inputs(self):
+        return self.words, self.chars, self.cases, self.mask
+
+
+def tensorize(
+    token_lists: Sequence[Sequence[str]],
+    vocab: Vocabularies,
+    max_word_length: int,
+    tags: Optional[Sequence[Sequence[str]]] = None,
+    lm_vocab_size: int = 0,
+) -> Batch:
+    if not token_lists:
+        raise ValueError("cannot tensorize an empty batch")
+    batch = len(token_lists)
+    steps = max(len(t) for t in token_lists)
+    if steps == 0:
+        raise ValueError("cannot tensorize sentences without tokens")
+    width = min(max_word_length, max(len(tok) for toks in token_lists for tok in toks))
+    words = [[PAD_ID] * steps for _ in range(batch)]
+    cases = [[0] * steps for _ in range(batch)]
+    chars = [[[PAD_ID] * width for _ in range(steps)] for _ in range(batch)]
+    stoi_w, stoi_c = vocab.words.stoi, vocab.chars.stoi
+    for b, tokens in enumerate(token_lists):
+        for t, tok in enumerate(tokens):
+            if not tok:
+                raise ValueError(f"sentence {b} has an empty token at position {t}")
+            words[b][t] = stoi_w.get(word_key(tok), UNK_ID)
+            cases[b][t] = casing(tok)
+            row = chars[b][t]
+            for c, ch in enumerate(tok[:width]):
+                row[c] = stoi_c.get(ch, UNK_ID)
+    lengths = torch.tensor([len(t) for t in token_lists])
+    out = Batch(
+        torch.tensor(words),
+        torch.tensor(chars),
+        torch.tensor(cases),
+        torch.arange(steps).unsqueeze(0) < lengths.unsqueeze(1),
+    )
+    if tags is not None:
+        ids = [[0] * steps for _ in range(batch)]
+        for b, seq in enumerate(tags):
+            if len(seq) != len(token_lists[b]):
+                raise ValueError(f"sentence {b} has {len(token_lists[b])} tokens but {len(seq)} tags")
+            for t, tag in enumerate(seq):
+                ids[b][t] = vocab.tags.index(tag)
+        out.tags = torch.tensor(ids)
+    if lm_vocab_size:
+        # word ids are ordered by training frequency, so the LM's vocabulary is a prefix of them
+        out.lm_targets = torch.where(out.words < lm_vocab_size, out.words, torch.full_like(out.words, UNK_ID))
+    return out

@@ -1,0 +1,166 @@
+"""The tagger: token features -> bidirectional recurrence -> per-step emission scores -> CRF or softmax.
+
+Many-to-many with T_x = T_y, as in the seed's NER example: one output per input token. Everything
+here maps ids to ids; strings live in ``ml.vocab`` and ``ml.predictor``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ml.config import ModelConfig
+from ml.modules.crf import CRF, SoftmaxHead
+from ml.modules.rnn import build_encoder
+from ml.vocab import NUM_CASES, PAD_ID
+
+
+class CharCNN(nn.Module):
+    """Character convolution + max over the word (Ma & Hovy 2016): features for unseen words."""
+
+    def __init__(self, num_chars: int, char_dim: int, filters: int, kernel: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_chars, char_dim, padding_idx=PAD_ID)
+        self.conv = nn.Conv1d(char_dim, filters, kernel, padding=kernel // 2)
+        self.output_size = filters
+
+    def forward(self, chars: Tensor) -> Tensor:
+        """chars: (B, T, C) -> (B, T, filters). Char id 0 is padding (ml.vocab.PAD_ID, written
+        as a literal because TorchScript cannot read module globals)."""
+        b, t, c = chars.size(0), chars.size(1), chars.size(2)
+        flat = chars.reshape(b * t, c)
+        x = self.conv(self.embedding(flat).transpose(1, 2))  # (B*T, filters, C)
+        x = x.masked_fill((flat == 0).unsqueeze(1), -1e4)
+        x = x.max(dim=2).values
+        # a word with no characters (padding) gets zeros, not -1e4
+        x = x * (flat[:, 0] != 0).unsqueeze(1).to(x.dtype)
+        return x.view(b, t, -1)
+
+
+class CharRNN(nn.Module):
+    """Character BiLSTM (Lample et al. 2016) on the same scripted recurrence: final forward state
+    and final backward state of each word, concatenated."""
+
+    def __init__(self, num_chars: int, char_dim: int, hidden: int, backend: str):
+        super().__init__()
+        self.embedding = nn.Embedding(num_chars, char_dim, padding_idx=PAD_ID)
+        self.encoder = build_encoder(backend, "lstm", char_dim, hidden, 1, True)
+        self.output_size = 2 * hidden
+
+    def forward(self, chars: Tensor) -> Tensor:
+        b, t, c = chars.size(0), chars.size(1), chars.size(2)
+        flat = chars.reshape(b * t, c)
+        _, h, _ = self.encoder(self.embedding(flat), flat != 0)  # h: (2, B*T, H)
+        return h.transpose(0, 1).reshape(b, t, -1)
+
+
+class Tagger(nn.Module):
+    """Word embedding + char encoder + casing embedding -> dropout -> recurrence -> linear -> head."""
+
+    def __init__(
+        self,
+        word_embedding: nn.Embedding,
+        char_encoder: Optional[nn.Module],
+        case_embedding: Optional[nn.Embedding],
+        encoder: nn.Module,
+        head: nn.Module,
+        num_tags: int,
+        dropout: float,
+        lm_head: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        width = word_embedding.embedding_dim
+        width += char_encoder.output_size if char_encoder is not None else 0
+        width += case_embedding.embedding_dim if case_embedding is not None else 0
+        encoder_in = encoder.layers[0].input_size if hasattr(encoder, "layers") else encoder.rnn.input_size
+        if width != encoder_in:
+            raise ValueError(f"token features are {width} wide but the recurrent encoder expects {encoder_in}")
+        self.word_embedding = word_embedding
+        self.char_encoder = char_encoder
+        self.case_embedding = case_embedding
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.projection = nn.Linear(encoder.output_size, num_tags)
+        self.head = head
+        self.lm_head = lm_head
+        self.num_tags = num_tags
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, num_words: int, num_chars: int, num_tags: int, transitions=None, generator: Optional[torch.Generator] = None) -> "Tagger":
+        config.validate()
+        words = nn.Embedding(num_words, config.word_dim, padding_idx=PAD_ID)
+        nn.init.uniform_(words.weight, -0.1, 0.1)
+        with torch.no_grad():
+            words.weight[PAD_ID].zero_()
+        chars: Optional[nn.Module] = None
+        if config.char_encoder == "cnn":
+            chars = CharCNN(num_chars, config.char_dim, config.char_hidden, config.char_kernel)
+        elif config.char_encoder == "lstm":
+            chars = CharRNN(num_chars, config.char_dim, config.char_hidden, config.backend)
+        cases = nn.Embedding(NUM_CASES, config.case_dim, padding_idx=0) if config.case_dim else None
+        width = config.word_dim + (chars.output_size if chars is not None else 0) + config.case_dim
+        encoder = build_encoder(
+            config.backend, config.cell, width, config.hidden_size, config.num_layers, config.bidirectional,
+            config.dropout, config.echo_state_radius, generator,
+        )
+        if config.head == "crf":
+            allowed, starts, ends = transitions if transitions is not None else (None, None, None)
+            head: nn.Module = CRF(num_tags, allowed, starts, ends)
+        else:
+            head = SoftmaxHead(num_tags)
+        lm = LanguageModelHead(config.hidden_size, config.lm_vocab) if config.lm_weight > 0 else None
+        return cls(words, chars, cases, encoder, head, num_tags, config.dropout, lm)
+
+    def encode(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) ids, (B, T, C) char ids, (B, T) casing classes, (B, T) mask -> states (B, T, D*H)."""
+        features = [self.word_embedding(words)]
+        if self.char_encoder is not None:
+            features.append(self.char_encoder(chars))
+        if self.case_embedding is not None:
+            features.append(self.case_embedding(cases))
+        x = self.dropout(torch.cat(features, 2))
+        states, _, _ = self.encoder(x, mask)
+        return self.dropout(states)
+
+    def emissions(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
+        return self.projection(self.encode(words, chars, cases, mask))  # (B, T, K)
+
+    def loss(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Optional[Tensor] = None, lm_weight: float = 0.0) -> Tensor:
+        """Tagging loss (summed over steps, averaged over sentences), plus the weighted auxiliary
+        language-model loss when an LM head and targets are given."""
+        states = self.encode(words, chars, cases, mask)
+        loss = self.head.loss(self.projection(states), tags, mask)
+        lm = self.lm_head
+        if lm is not None and lm_targets is not None and lm_weight > 0:
+            loss = loss + lm_weight * lm(states, lm_targets, mask)
+        return loss
+
+    def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """Inference: best tag ids (B, T) and each chosen tag's marginal probability (B, T)."""
+        emissions = self.emissions(words, chars, cases, mask)
+        tags = self.head.decode(emissions, mask)
+        scores = self.head.marginals(emissions, mask).gather(2, tags.unsqueeze(2)).squeeze(2)
+        return tags, scores
+
+
+class LanguageModelHead(nn.Module):
+    """Rei (2017)'s auxiliary objective, the seed's language model run inside the tagger: the forward
+    state at t predicts word t+1, the backward state predicts word t-1. Used only in training."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, width: int = 50):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.forward_proj = nn.Sequential(nn.Linear(hidden_size, width), nn.Tanh(), nn.Linear(width, vocab_size))
+        self.backward_proj = nn.Sequential(nn.Linear(hidden_size, width), nn.Tanh(), nn.Linear(width, vocab_size))
+
+    def forward(self, states: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        """states (B, T, 2H) of the last layer; targets (B, T) LM ids; mean per sentence of summed
+        cross-entropy, with no target past either end of a sentence."""
+        h = self.hidden_size
+        fwd, bwd = states[:, :-1, :h], states[:, 1:, h:]
+        next_mask = mask[:, 1:].to(states.dtype)
+        fwd_loss = F.cross_entropy(self.forward_proj(fwd).transpose(1, 2), targets[:, 1:], reduction="none")
+        bwd_loss = F.cross_entropy(self.backward_proj(bwd).transpose(1, 2), targets[:, :-1], reduction="none")
+        return ((fwd_loss + bwd_loss) * next_mask).sum(1).mean()

@@ -1,0 +1,159 @@
+"""Output heads over emission scores: a linear-chain CRF and the seed's per-step softmax.
+
+Both take emissions (B, T, K) and a mask (B, T) whose rows are prefixes, and offer the same three
+methods: ``loss`` (negative log-likelihood summed over steps, averaged over the batch), ``decode``
+(best tags (B, T), 0 at padding) and ``marginals`` (per-token tag probabilities (B, T, K)).
+The CRF knows nothing of tag strings: the scheme's constraints come in as index pairs.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Score added to transitions the scheme forbids: large enough that no allowed path loses to a
+# forbidden one, finite so that gradients stay defined.
+FORBIDDEN = -10000.0
+
+
+class CRF(nn.Module):
+    """``transitions[i, j]`` scores tag ``i`` followed by tag ``j``; ``start[j]`` and ``end[i]`` score
+    the first and last tag of a sequence. Forbidden moves carry a fixed ``FORBIDDEN`` penalty."""
+
+    def __init__(
+        self,
+        num_tags: int,
+        allowed: Optional[Iterable[Tuple[int, int]]] = None,
+        allowed_start: Optional[Sequence[int]] = None,
+        allowed_end: Optional[Sequence[int]] = None,
+    ):
+        super().__init__()
+        if num_tags < 1:
+            raise ValueError(f"num_tags must be positive, got {num_tags}")
+        self.num_tags = num_tags
+        self.transitions = nn.Parameter(torch.zeros(num_tags, num_tags))
+        self.start = nn.Parameter(torch.zeros(num_tags))
+        self.end = nn.Parameter(torch.zeros(num_tags))
+        self.register_buffer("transition_penalty", _penalty((num_tags, num_tags), allowed))
+        self.register_buffer("start_penalty", _penalty((num_tags,), None if allowed_start is None else ((j,) for j in allowed_start)))
+        self.register_buffer("end_penalty", _penalty((num_tags,), None if allowed_end is None else ((i,) for i in allowed_end)))
+        nn.init.uniform_(self.transitions, -0.1, 0.1)
+
+    def _scores(self) -> Tuple[Tensor, Tensor, Tensor]:
+        return (
+            self.transitions + self.transition_penalty,
+            self.start + self.start_penalty,
+            self.end + self.end_penalty,
+        )
+
+    def _forward_alphas(self, emissions: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """Forward algorithm. Returns alphas (T, B, K), alpha_t(j) = log sum over prefixes ending in j,
+        and log Z (B,)."""
+        trans, start, end = self._scores()
+        alpha = start.unsqueeze(0) + emissions[:, 0]  # (B, K)
+        alphas = [alpha]
+        for t in range(1, emissions.size(1)):
+            # (B, K_from, 1) + (K_from, K_to) + (B, 1, K_to) -> sum out K_from
+            step = torch.logsumexp(alpha.unsqueeze(2) + trans + emissions[:, t].unsqueeze(1), dim=1)
+            alpha = torch.where(mask[:, t].unsqueeze(1), step, alpha)
+            alphas.append(alpha)
+        return torch.stack(alphas, 0), torch.logsumexp(alpha + end, dim=1)
+
+    @torch.jit.export
+    def log_partition(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        return self._forward_alphas(emissions, mask)[1]
+
+    @torch.jit.export
+    def score(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        """Unnormalised score of the given tag paths (B,)."""
+        trans, start, end = self._scores()
+        maskf = mask.to(emissions.dtype)
+        emitted = emissions.gather(2, tags.unsqueeze(2)).squeeze(2)  # (B, T)
+        total = start[tags[:, 0]] + (emitted * maskf).sum(1)
+        if tags.size(1) > 1:
+            moves = trans[tags[:, :-1], tags[:, 1:]]  # (B, T-1)
+            total = total + (moves * maskf[:, 1:]).sum(1)
+        last = tags.gather(1, (mask.sum(1) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return total + end[last]
+
+    @torch.jit.export
+    def log_likelihood(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        """log p(tags | emissions) per sequence (B,)."""
+        return self.score(emissions, tags, mask) - self.log_partition(emissions, mask)
+
+    @torch.jit.export
+    def loss(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        return -self.log_likelihood(emissions, tags, mask).mean()
+
+    @torch.jit.export
+    def decode(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        """Viterbi: the highest-scoring allowed path (B, T); 0 at padding."""
+        trans, start, end = self._scores()
+        batch, steps, k = emissions.size(0), emissions.size(1), emissions.size(2)
+        best = start.unsqueeze(0) + emissions[:, 0]
+        identity = torch.arange(k, device=emissions.device).unsqueeze(0).expand(batch, k)
+        pointers: List[Tensor] = []
+        for t in range(1, steps):
+            scores, argmax = (best.unsqueeze(2) + trans).max(dim=1)  # (B, K_to)
+            live = mask[:, t].unsqueeze(1)
+            best = torch.where(live, scores + emissions[:, t], best)
+            # past the end the path stays put, so backtracking from T-1 reaches the real last tag
+            pointers.append(torch.where(live, argmax, identity))
+        tag = (best + end).argmax(dim=1)  # (B,)
+        path = [tag]
+        for t in range(len(pointers) - 1, -1, -1):
+            tag = pointers[t].gather(1, tag.unsqueeze(1)).squeeze(1)
+            path.append(tag)
+        path.reverse()
+        return torch.stack(path, 1) * mask.long()
+
+    @torch.jit.export
+    def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        """Forward-backward: p(tag_t = k | emissions) (B, T, K); rows sum to 1 at real steps."""
+        trans, _, end = self._scores()
+        alphas, log_z = self._forward_alphas(emissions, mask)
+        steps = emissions.size(1)
+        beta = end.unsqueeze(0).expand_as(emissions[:, 0])
+        betas = [beta]
+        for t in range(steps - 2, -1, -1):
+            step = torch.logsumexp(trans.unsqueeze(0) + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2)
+            # at a sequence's last real step (the next one is padding) beta is the end score
+            beta = torch.where(mask[:, t + 1].unsqueeze(1), step, end.unsqueeze(0).expand_as(step))
+            betas.append(beta)
+        betas.reverse()
+        log_marginals = alphas.transpose(0, 1) + torch.stack(betas, 1) - log_z.view(-1, 1, 1)
+        return log_marginals.exp() * mask.unsqueeze(2).to(emissions.dtype)
+
+
+class SoftmaxHead(nn.Module):
+    """The seed's output layer: an independent softmax per step, cross-entropy summed over time."""
+
+    def __init__(self, num_tags: int):
+        super().__init__()
+        self.num_tags = num_tags
+
+    @torch.jit.export
+    def loss(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        per_step = F.cross_entropy(emissions.transpose(1, 2), tags, reduction="none")  # (B, T)
+        return (per_step * mask.to(per_step.dtype)).sum(1).mean()
+
+    @torch.jit.export
+    def decode(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        return emissions.argmax(2) * mask.long()
+
+    @torch.jit.export
+    def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        return emissions.softmax(2) * mask.unsqueeze(2).to(emissions.dtype)
+
+
+def _penalty(shape: Tuple[int, ...], allowed: Optional[Iterable[Tuple[int, ...]]]) -> Tensor:
+    if allowed is None:
+        return torch.zeros(shape)
+    penalty = torch.full(shape, FORBIDDEN)
+    for index in allowed:
+        if any(not 0 <= i < n for i, n in zip(index, shape)):
+            raise ValueError(f"allowed transition {index} is outside {shape}")
+        penalty[index] = 0.0
+    return penalty

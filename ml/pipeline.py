@@ -1,0 +1,63 @@
+"""Text in, entities with character offsets out: tokenizer -> sentences -> predictor -> spans.
+
+Used by ``ner predict`` and by the service, so both present the same offsets. Offsets are Python
+string indices into the text as given, so ``text[start:end] == entity.text`` always holds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from ml.data.tokenizer import Tokenizer, get_tokenizer
+from ml.labels import Span, spans_to_tags
+from ml.predictor import Predictor
+
+
+@dataclass
+class Entity:
+    start: int
+    end: int
+    label: str
+    text: str
+    score: float
+
+
+@dataclass
+class TokenTag:
+    text: str
+    start: int
+    end: int
+    tag: str  # IOB2, from the decoded entities
+    score: float  # marginal probability of the model's tag at this token
+
+
+@dataclass
+class TextResult:
+    entities: List[Entity]
+    tokens: List[TokenTag]
+
+
+class TextTagger:
+    def __init__(self, predictor: Predictor, tokenizer: Optional[Tokenizer] = None):
+        self.predictor = predictor
+        language = predictor.loaded.meta.language if predictor.loaded is not None else "en"
+        self.tokenizer = tokenizer or get_tokenizer(language)
+
+    def tag(self, texts: Sequence[str], batch_size: int = 64) -> List[TextResult]:
+        per_text = self.tokenizer.pipe_sentences(texts)
+        flat = [sent for sents in per_text for sent in sents]
+        predictions = self.predictor.predict([[t.text for t in s] for s in flat], batch_size) if flat else []
+        results: List[TextResult] = []
+        k = 0
+        for text, sents in zip(texts, per_text):
+            entities: List[Entity] = []
+            tokens: List[TokenTag] = []
+            for sent in sents:
+                pred = predictions[k]
+                k += 1
+                for span in pred.spans:
+                    start, end = sent[span.start].start, sent[span.end - 1].end
+                    entities.append(Entity(start, end, span.label, text[start:end], span.score))
+                iob = spans_to_tags([Span(s.start, s.end, s.label) for s in pred.spans], len(sent), "iob2")
+                tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores))
+            results.append(TextResult(entities, tokens))
+        return results

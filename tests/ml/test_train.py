@@ -1,0 +1,212 @@
+"""End to end on a tiny corpus: learn it exactly, save, reload, export, train under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml.artifact import FORMAT, ModelLoadError, load_model
+from ml.config import Config, ConfigError
+from ml.data.conll import write_conll
+from ml.export import export_torchscript
+from ml.predictor import Predictor, evaluate
+from ml.train import train
+from tests.conftest import small_config
+from tests.synthetic import synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_small_model_learns_the_corpus_and_reloads_identically(small_model_dir, corpus):
+    predictor = Predictor.load(small_model_dir)
+    scores = evaluate(predictor, corpus)
+    assert scores.f1 == 1.0 and scores.sentences == len(corpus)
+    metrics = json.loads((small_model_dir / "metrics.json").read_text())
+    assert metrics["dev"]["f1"] == 1.0 and metrics["history"]
+    meta = json.loads((small_model_dir / "meta.json").read_text())
+    assert meta["format"] == FORMAT and meta["language"] == "en" and meta["labels"] == ["LOC", "ORG", "PER"]
+    assert meta["lineage"]["train_sentences"] == len(corpus)
+    again = Predictor.load(small_model_dir)
+    first = predictor.predict([s.tokens for s in corpus])
+    second = again.predict([s.tokens for s in corpus])
+    assert [r.tags for r in first] == [r.tags for r in second]
+    assert [r.scores for r in first] == [r.scores for r in second]
+
+
+def test_batched_prediction_equals_one_by_one(small_model_dir, corpus):
+    predictor = Predictor.load(small_model_dir)
+    tokens = [s.tokens for s in corpus[:20]]
+    batched = predictor.predict(tokens, batch_size=64)
+    for toks, result in zip(tokens, batched):
+        (alone,) = predictor.predict([toks])
+        assert alone.tags == result.tags
+        assert alone.scores == pytest.approx(result.scores, abs=1e-5)
+
+
+def test_unseen_words_still_get_features(small_model_dir):
+    # "Zanzibar" was never seen: the char CNN and casing still mark it as a likely location
+    (result,) = Predictor.load(small_model_dir).predict([["Tom", "visited", "Zanzibar", "."]])
+    assert result.tags[0] in ("S-PER", "B-PER")
+    assert result.tags[2] != "O"
+
+
+def test_exported_torchscript_predicts_identically_in_a_fresh_process(small_model_dir, corpus, tmp_path):
+    archive = export_torchscript(small_model_dir, tmp_path / "tagger.pt")
+    sentences = [s.tokens for s in corpus[:15]] + [["Unseen", "Wörds", "in", "Zürich", "?"]]
+    expected = Predictor.load(small_model_dir).predict(sentences)
+    script = (
+        "import json, sys, torch\n"
+        "assert not any(m.split('.')[0] in ('ml', 'service') for m in sys.modules)\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "tags, scores = m(json.loads(sys.stdin.read()))\n"
+        "assert not any(m.split('.')[0] in ('ml', 'service') for m in sys.modules)\n"
+        "print(json.dumps({'tags': tags, 'scores': scores, 'version': m.version}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(archive)], input=json.dumps(sentences), capture_output=True, text=True,
+        cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, check=True,
+    )
+    got = json.loads(out.stdout)
+    assert got["tags"] == [r.tags for r in expected]
+    for a, b in zip(got["scores"], [r.scores for r in expected]):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert got["version"] == "1.0.0"
+
+
+def test_exported_features_match_python_on_any_unicode(small_model_dir, tmp_path):
+    from ml.vocab import casing, word_key
+
+    loaded = load_model(small_model_dir)
+    archive = torch.jit.load(str(export_torchscript(small_model_dir, tmp_path / "t.pt")))
+    tokens = ["ÖSTERREICH", "İstanbul", "ΟΔΟΣ", "ǅemal", "٣٤", "x²", "Ⅻ", "北京", "😀", "Ωmega9", "naïve", "ß", "ﬁ", "A", "Tom"]
+    for tok in tokens:
+        key, case, chars = archive.token_features(tok)
+        assert key == word_key(tok), tok
+        assert case == casing(tok), tok
+        assert chars == [loaded.vocab.chars.index(ch) for ch in tok[:30]], tok
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model__head": "softmax", "model__tag_scheme": "iob2"},
+    {"model__char_encoder": "lstm", "model__cell": "gru", "model__num_layers": 2, "model__backend": "cudnn"},
+    {"model__lm_weight": 0.1, "model__lm_vocab": 20},
+])
+def test_other_configurations_learn_the_corpus(overrides, corpus, tmp_path):
+    config = small_config(**overrides)
+    result = train(config, corpus, corpus, tmp_path / "m", progress=False, log=lambda m: None)
+    assert result.dev.f1 == 1.0
+    loaded = load_model(tmp_path / "m")
+    assert loaded.model.lm_head is None  # the auxiliary LM is training-only and not saved
+
+
+def test_model_trained_with_cudnn_backend_exports_through_the_scripted_one(corpus, tmp_path):
+    config = small_config(model__backend="cudnn", train__epochs=3)
+    train(config, corpus, corpus, tmp_path / "m", progress=False, log=lambda m: None)
+    scripted = load_model(tmp_path / "m", backend="script")
+    native = load_model(tmp_path / "m")
+    words = [s.tokens for s in corpus[:10]]
+    a = Predictor(scripted.model, scripted.vocab, 30).predict(words)
+    b = Predictor(native.model, native.vocab, 30).predict(words)
+    assert [r.tags for r in a] == [r.tags for r in b]
+
+
+def test_loading_an_incompatible_folder_fails_clearly(small_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(small_model_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["format"] = FORMAT + 1
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="model format 2.*retrain"):
+        load_model(copy)
+    (copy / "weights.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="missing weights.safetensors"):
+        load_model(copy)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="model.cell = 'lstmm'"):
+        Config.from_dict({"model": {"cell": "lstmm"}})
+    with pytest.raises(ConfigError, match=r"unknown keys \['hiden_size'\]"):
+        Config.from_dict({"model": {"hiden_size": 3}})
+    with pytest.raises(ConfigError, match="echo_state_radius applies to the basic RNN"):
+        Config.from_dict({"model": {"cell": "gru", "echo_state_radius": 0.9}})
+    with pytest.raises(ConfigError, match="should be of type int"):
+        Config.from_dict({"train": {"epochs": "many"}})
+    with pytest.raises(ValueError, match="token features are"):
+        from ml.model import Tagger
+        from ml.modules.crf import CRF
+        from ml.modules.rnn import build_encoder
+
+        Tagger(torch.nn.Embedding(5, 4), None, None, build_encoder("script", "lstm", 7, 3), CRF(3), 3, 0.0)
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\ncell = 'gru'\n[train]\nepochs = 2\n")
+    config = Config.load(path).override(["train.lr=0.5", "model.head=softmax"])
+    assert (config.model.cell, config.train.epochs, config.train.lr, config.model.head) == ("gru", 2, 0.5, "softmax")
+
+
+def _write_corpus(folder: Path, n: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.txt", "w") as f:
+        write_conll(synthetic_corpus(n, seed), f)
+    with open(folder / "dev.txt", "w") as f:
+        write_conll(synthetic_corpus(n // 2, seed + 1), f)
+
+
+def _small_config_file(path: Path, epochs: int) -> Path:
+    path.write_text(
+        "[model]\nhidden_size = 32\nword_dim = 16\nchar_dim = 8\nchar_hidden = 16\ncase_dim = 4\ndropout = 0.1\n"
+        f"[train]\nepochs = {epochs}\nbatch_size = 8\noptimizer = 'adam'\nlr = 0.01\nlr_decay = 0.0\nseed = 3\n"
+    )
+    return path
+
+
+def test_cli_train_evaluate_predict(tmp_path):
+    _write_corpus(tmp_path / "data", 60, 1)
+    config = _small_config_file(tmp_path / "small.toml", 25)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "ml", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = run("train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--quiet", "--version", "2.0.1")
+    assert out.returncode == 0, out.stderr
+    assert "dev F1" in out.stderr and json.loads(out.stdout)["dev_f1"] > 0.9
+    out = run("evaluate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data" / "dev.txt"), "--json")
+    assert out.returncode == 0, out.stderr
+    scores = json.loads(out.stdout)
+    assert {"precision", "recall", "f1", "per_type", "tokens", "sentences"} <= set(scores) and scores["f1"] > 0.9
+    assert scores["model"]["version"] == "2.0.1"
+    out = run("predict", "--model", str(tmp_path / "m"), "--text", "Anna Berg visited  Oslo.")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    for e in record["entities"]:
+        assert record["text"][e["start"] : e["end"]] == e["text"]
+    assert {e["text"] for e in record["entities"]} == {"Anna Berg", "Oslo"}
+    out = run("evaluate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "missing.txt"))
+    assert out.returncode == 2 and "missing.txt does not exist" in out.stderr
+    (tmp_path / "bad.txt").write_text("a O\nb O\nd e f\n")
+    out = run("evaluate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "bad.txt"))
+    assert out.returncode == 2 and "bad.txt:3: expected 2 columns" in out.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_with_gloo(tmp_path):
+    _write_corpus(tmp_path / "data", 48, 2)
+    config = _small_config_file(tmp_path / "small.toml", 4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ml",
+         "train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--quiet"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es)" in out.stderr
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and len(metrics["history"]) == 4
+    load_model(tmp_path / "m")
