@@ -34,6 +34,7 @@ class TokenTag:
 class TextResult:
     entities: List[Entity]
     tokens: List[TokenTag]
+    sentences: int
 
 
 class TextTagger:
@@ -59,5 +60,5 @@ class TextTagger:
                     entities.append(Entity(start, end, span.label, text[start:end], span.score))
                 iob = spans_to_tags([Span(s.start, s.end, s.label) for s in pred.spans], len(sent), "iob2")
                 tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores))
-            results.append(TextResult(entities, tokens))
+            results.append(TextResult(entities, tokens, len(sents)))
         return results

@@ -1,0 +1,158 @@
+"""Micro-batching between async request handlers and a blocking worker.
+
+Requests ``await submit(items)``; one worker thread takes whatever is queued (waiting up to
+``max_wait_ms`` for company once the first item arrives, never more than ``max_items``), calls
+``process(items)`` once for all of them, and hands each request its own slice of the results.
+The queue is bounded: ``submit`` raises QueueFull instead of letting latency grow without end.
+The same class batches model inference and database writes (group commit)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Generic, List, Optional, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"queue full; retry after {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
+
+
+class BatcherClosed(Exception):
+    pass
+
+
+@dataclass
+class _Request(Generic[T]):
+    items: Sequence[T]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        process: Callable[[List[T]], List[R]],
+        max_items: int,
+        max_wait_ms: float,
+        max_queue: int,
+        name: str = "batcher",
+        on_batch: Optional[Callable[[int, float], None]] = None,
+        on_depth: Optional[Callable[[int], None]] = None,
+    ):
+        self.process = process
+        self.max_items = max_items
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.name = name
+        self.on_batch = on_batch
+        self.on_depth = on_depth
+        self._queue: Deque[_Request[T]] = deque()
+        self._pending = 0  # items queued, not yet taken by the worker
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self._recent_batch_s = 0.01
+
+    def start(self) -> "MicroBatcher[T, R]":
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    async def submit(self, items: Sequence[T]) -> List[R]:
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed(self.name)
+            if self._pending + len(items) > self.max_queue:
+                # a rough wait: the batches ahead of this one at the recent batch time
+                ahead = max(1.0, self._pending / self.max_items)
+                raise QueueFull(max(1.0, ahead * self._recent_batch_s))
+            self._queue.append(_Request(items, future, loop))
+            self._pending += len(items)
+            depth = self._pending
+            self._cond.notify()
+        if self.on_depth:
+            self.on_depth(depth)
+        return await future
+
+    def _take(self) -> List[_Request[T]]:
+        """Block until something is queued, then gather whole requests up to max_items."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            deadline = time.monotonic() + self.max_wait_s
+            while self._pending < self.max_items and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            taken: List[_Request[T]] = []
+            count = 0
+            while self._queue and (not taken or count + len(self._queue[0].items) <= self.max_items):
+                request = self._queue.popleft()
+                taken.append(request)
+                count += len(request.items)
+            self._pending -= count
+            depth = self._pending
+        if self.on_depth:
+            self.on_depth(depth)
+        return taken
+
+    def _run(self) -> None:
+        while True:
+            taken = self._take()
+            if not taken:
+                return
+            items: List[T] = [item for request in taken for item in request.items]
+            started = time.perf_counter()
+            try:
+                results = self.process(items)
+                if len(results) != len(items):
+                    raise RuntimeError(f"{self.name}: process returned {len(results)} results for {len(items)} items")
+                error: Optional[BaseException] = None
+            except BaseException as e:  # handed to every waiting request
+                results, error = [], e
+            elapsed = time.perf_counter() - started
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+            if self.on_batch:
+                self.on_batch(len(items), elapsed)
+            offset = 0
+            for request in taken:
+                n = len(request.items)
+                if error is None:
+                    request.loop.call_soon_threadsafe(_resolve, request.future, results[offset : offset + n], None)
+                else:
+                    request.loop.call_soon_threadsafe(_resolve, request.future, None, error)
+                offset += n
+
+
+def _resolve(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+    if future.done():  # the request was cancelled (client went away)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

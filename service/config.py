@@ -1,0 +1,80 @@
+"""All service settings in one class, read from the environment and ``.env``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+
+    database_url: str = Field("sqlite:///./ner.db", description="SQLAlchemy URL; Postgres as postgresql+psycopg://user:pass@host/db")
+    ner_model: Optional[Path] = Field(None, description="model folder to serve first (default: the active version in the database, else the bundled model)")
+    auto_migrate: bool = Field(False, description="apply migrations at start-up (meant for the embedded SQLite default)")
+
+    # limits
+    max_body_bytes: int = 512 * 1024
+    max_text_chars: int = 100_000
+    max_batch_texts: int = 64
+    max_entities: int = 1000
+
+    # micro-batching
+    batch_max_texts: int = 64  # texts merged into one forward pass
+    batch_max_wait_ms: float = 2.0  # how long the first text of a batch waits for company
+    queue_max_texts: int = 2048  # beyond this, /tag answers 503 with Retry-After
+    torch_threads: int = 1  # per worker process
+
+    # persistence
+    store_text: bool = Field(True, description="False: keep only a SHA-256 of each text (feedback must then resend the text)")
+    db_write_batch: int = 256
+    db_timeout_s: float = 3.0
+
+    # security
+    api_keys: Annotated[List[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = no authentication")
+    protect_probes: bool = Field(False, description="also require an API key for /healthz, /readyz and /metrics")
+    admin_key: Optional[str] = Field(None, description="X-Admin-Key for /admin; unset = admin endpoints disabled")
+
+    # feedback
+    allow_partial_spans: bool = Field(False, description="accept feedback spans that split a token (they are widened to whole tokens)")
+    extra_labels: Annotated[List[str], NoDecode] = Field(default_factory=list, description="labels accepted in feedback besides the model's")
+
+    # model versions
+    model_poll_s: float = Field(2.0, description="how often each worker checks the database for a newly activated model; 0 = never")
+
+    @field_validator("api_keys", "extra_labels", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: List[str]) -> List[str]:
+        short = [k for k in keys if len(k) < 16]
+        if short:
+            raise ValueError(f"{len(short)} API key(s) shorter than 16 characters; use long random keys (e.g. `openssl rand -hex 24`)")
+        return keys
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_long_enough(cls, key: Optional[str]) -> Optional[str]:
+        if key is not None and len(key) < 16:
+            raise ValueError("ADMIN_KEY must be at least 16 characters")
+        return key
+
+    @model_validator(mode="after")
+    def _limits_positive(self) -> "Settings":
+        for name in ("max_body_bytes", "max_text_chars", "max_batch_texts", "batch_max_texts", "queue_max_texts", "torch_threads", "db_write_batch", "max_entities"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be at least 1")
+        if self.queue_max_texts < self.max_batch_texts:
+            raise ValueError("QUEUE_MAX_TEXTS must be at least MAX_BATCH_TEXTS, or a full request could never be queued")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,76 @@
+"""ORM tables. The schema itself is owned by Alembic (migrations/); a test checks both agree."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Document(Base):
+    """A text the service tagged or was corrected on; ``text`` is NULL when STORE_TEXT is off."""
+
+    __tablename__ = "documents"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    text: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    text_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    length: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    document_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str] = mapped_column(String(100))
+    entities: Mapped[list[Any]] = mapped_column(JSON)
+    # the least confident token marginal: the active-learning queue sorts by it
+    min_score: Mapped[float] = mapped_column(Float, index=True)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    document: Mapped[Document] = relationship(lazy="joined")
+
+
+class Annotation(Base):
+    """A correction: the full list of entities a person says the text has."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (Index("ix_annotations_status_created", "status", "created_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    document_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    prediction_id: Mapped[Optional[uuid.UUID]] = mapped_column(ForeignKey("predictions.id", ondelete="SET NULL"), nullable=True, index=True)
+    entities: Mapped[list[Any]] = mapped_column(JSON)
+    author: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    source: Mapped[str] = mapped_column(String(20))  # "prediction" (correcting one) or "text" (new text)
+    status: Mapped[str] = mapped_column(String(20), default="accepted")  # accepted | superseded
+    idempotency_key: Mapped[Optional[str]] = mapped_column(String(200), nullable=True, unique=True)
+    request_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    document: Mapped[Document] = relationship(lazy="joined")
+
+
+class ModelVersion(Base):
+    """A model folder the service has served or may serve; at most one is active."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(100))
+    path: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,182 @@
+"""The only code that writes (and commits) to the database. Keyword-only functions over a Session."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import Annotation, Document, ModelVersion, Prediction, utcnow
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class PredictionRecord:
+    id: uuid.UUID
+    text: str
+    model_name: str
+    model_version: str
+    entities: List[dict]
+    min_score: float
+    latency_ms: float
+
+
+def store_predictions(session: Session, *, records: Sequence[PredictionRecord], store_text: bool) -> None:
+    """One transaction for many predictions (the group writer batches concurrent requests)."""
+    now = utcnow()
+    for r in records:
+        doc = Document(id=uuid.uuid4(), text=r.text if store_text else None, text_sha256=sha256(r.text), length=len(r.text), created_at=now)
+        session.add(doc)
+        session.add(
+            Prediction(
+                id=r.id, document_id=doc.id, model_name=r.model_name, model_version=r.model_version, entities=r.entities,
+                min_score=r.min_score, latency_ms=r.latency_ms, created_at=now,
+            )
+        )
+    session.commit()
+
+
+def get_prediction(session: Session, *, prediction_id: uuid.UUID) -> Optional[Prediction]:
+    return session.get(Prediction, prediction_id)
+
+
+class IdempotencyConflict(Exception):
+    """The key was used before with a different request body."""
+
+
+@dataclass
+class StoredAnnotation:
+    annotation: Annotation
+    replayed: bool  # True when an earlier request with the same key and body created it
+
+
+def find_by_idempotency_key(session: Session, *, key: str, request_sha256: str) -> Optional[Annotation]:
+    found = session.scalars(select(Annotation).where(Annotation.idempotency_key == key)).first()
+    if found is not None and found.request_sha256 != request_sha256:
+        raise IdempotencyConflict(key)
+    return found
+
+
+def create_annotation(
+    session: Session,
+    *,
+    text: str,
+    entities: List[dict],
+    author: Optional[str],
+    source: str,
+    store_text: bool,
+    prediction: Optional[Prediction] = None,
+    idempotency_key: Optional[str] = None,
+    request_sha256: Optional[str] = None,
+) -> StoredAnnotation:
+    """Store a correction; earlier accepted corrections of the same document are superseded.
+    A repeated idempotency key with the same body returns the first annotation, unchanged."""
+    if idempotency_key is not None:
+        found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "")
+        if found is not None:
+            return StoredAnnotation(found, True)
+    if prediction is not None:
+        document = prediction.document
+        if document.text is None and store_text:
+            document.text = text
+    else:
+        document = Document(id=uuid.uuid4(), text=text if store_text else None, text_sha256=sha256(text), length=len(text))
+        session.add(document)
+        session.flush()
+    session.execute(
+        update(Annotation).where(Annotation.document_id == document.id, Annotation.status == "accepted").values(status="superseded")
+    )
+    annotation = Annotation(
+        document_id=document.id, prediction_id=prediction.id if prediction is not None else None, entities=entities, author=author,
+        source=source, status="accepted", idempotency_key=idempotency_key, request_sha256=request_sha256, created_at=utcnow(),
+    )
+    session.add(annotation)
+    try:
+        session.commit()
+    except IntegrityError:
+        # a concurrent request with the same idempotency key won the race: answer as a replay
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "")
+        if found is None:
+            raise
+        return StoredAnnotation(found, True)
+    return StoredAnnotation(annotation, False)
+
+
+def iter_annotations(session: Session, *, since: Optional[dt.datetime] = None, batch: int = 500) -> Iterator[Annotation]:
+    """Accepted corrections with their text, oldest first, read in pages."""
+    query = select(Annotation).where(Annotation.status == "accepted")
+    if since is not None:
+        query = query.where(Annotation.created_at >= since)
+    last_id = 0
+    while True:
+        rows = session.scalars(query.where(Annotation.id > last_id).order_by(Annotation.id).limit(batch)).all()
+        if not rows:
+            return
+        yield from rows
+        last_id = rows[-1].id
+
+
+def least_confident(session: Session, *, limit: int) -> List[Prediction]:
+    """Stored predictions whose weakest token marginal is lowest, on texts nobody corrected yet."""
+    corrected = select(Annotation.document_id)
+    query = (
+        select(Prediction)
+        .join(Document)
+        .where(Document.text.is_not(None), Prediction.document_id.not_in(corrected))
+        .order_by(Prediction.min_score.asc(), Prediction.created_at.asc())
+        .limit(limit)
+    )
+    return list(session.scalars(query).all())
+
+
+def register_model(session: Session, *, name: str, version: str, path: str, metrics: dict, lineage: dict) -> ModelVersion:
+    row = session.scalars(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
+    if row is None:
+        row = ModelVersion(name=name, version=version, path=path, metrics=metrics, lineage=lineage, active=False)
+        session.add(row)
+    else:
+        row.path, row.metrics, row.lineage = path, metrics, lineage
+    session.commit()
+    return row
+
+
+def activate_model(session: Session, *, model_id: int) -> ModelVersion:
+    row = session.get(ModelVersion, model_id)
+    if row is None:
+        raise LookupError(f"no model with id {model_id}")
+    session.execute(update(ModelVersion).where(ModelVersion.active.is_(True)).values(active=False))
+    row.active = True
+    row.activated_at = utcnow()
+    session.commit()
+    return row
+
+
+def active_model(session: Session) -> Optional[ModelVersion]:
+    return session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).first()
+
+
+def list_models(session: Session) -> List[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all())
+
+
+def get_model(session: Session, *, model_id: int) -> Optional[ModelVersion]:
+    return session.get(ModelVersion, model_id)
+
+
+def find_model(session: Session, *, name: str, version: str) -> Optional[ModelVersion]:
+    return session.scalars(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
+
+
+def annotation_entities(annotation: Annotation) -> List[dict[str, Any]]:
+    return [{"start": e["start"], "end": e["end"], "label": e["label"]} for e in annotation.entities]

@@ -1,0 +1,62 @@
+"""The application factory. Importing this module builds nothing; ``create_app`` builds the app and
+its lifespan loads the model, the tokenizer and the database engine."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from fastapi import FastAPI
+
+from service import errors
+from service.api.deps import Runtime
+from service.api.routes import annotations, feedback, health, models, tag
+from service.config import Settings
+from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
+from service.middleware import BodyLimit, RequestMetrics
+from service.registry import follow_active, initial_model
+from service.tagging import TaggingEngine, prediction_writer
+
+log = logging.getLogger("service")
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    config = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(config.torch_threads)
+        engine = make_engine(config.database_url, config.db_timeout_s)
+        if config.auto_migrate:
+            await asyncio.to_thread(upgrade, config.database_url)
+        await asyncio.to_thread(check_schema, engine)
+        sessions = make_sessionmaker(engine)
+        model = await asyncio.to_thread(initial_model, config, sessions)
+        tagging = TaggingEngine(model, config).start()
+        writer = prediction_writer(sessions, config).start()
+        app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
+        poller = asyncio.create_task(follow_active(app.state.runtime, config.model_poll_s)) if config.model_poll_s > 0 else None
+        log.info("serving %s %s; database %s", model.name, model.version, engine.url.render_as_string(hide_password=True))
+        try:
+            yield
+        finally:
+            if poller is not None:
+                poller.cancel()
+            tagging.close()
+            writer.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="NER service",
+        description="Named entities with character offsets from a bidirectional recurrent tagger; corrections feed the next model.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, health.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    return app

@@ -1,0 +1,128 @@
+"""Request and response bodies (apart from the ORM). Unknown fields are rejected."""
+from __future__ import annotations
+
+import uuid
+from typing import List, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TagRequest(Strict):
+    text: Optional[StrictStr] = Field(None, description="one text; answered with one result")
+    texts: Optional[List[StrictStr]] = Field(None, description="several texts; answered with {results: [...]}")
+    include_tokens: StrictBool = False
+    store: StrictBool = Field(True, description="false: tag without persisting")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TagRequest":
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' and 'texts'")
+        if self.texts is not None and not self.texts:
+            raise ValueError("'texts' must not be empty")
+        return self
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class EntityOut(BaseModel):
+    start: int
+    end: int
+    label: str
+    text: str
+    score: float
+
+
+class TokenOut(BaseModel):
+    text: str
+    start: int
+    end: int
+    tag: str
+    score: float
+
+
+class TagResult(BaseModel):
+    id: Optional[uuid.UUID] = Field(None, description="prediction id, for feedback; null when not stored")
+    stored: bool
+    model: ModelRef
+    entities: List[EntityOut]
+    tokens: Optional[List[TokenOut]] = None
+
+
+class TagResults(BaseModel):
+    results: List[TagResult]
+
+
+class EntityIn(Strict):
+    start: StrictInt = Field(ge=0)
+    end: StrictInt = Field(ge=0)
+    label: StrictStr = Field(min_length=1, max_length=50)
+    text: Optional[StrictStr] = Field(None, description="optional; must equal the text between start and end")
+    score: Optional[float] = Field(None, description="ignored; accepted so predicted entities can be sent back as they came")
+
+
+class FeedbackRequest(Strict):
+    prediction_id: Optional[uuid.UUID] = None
+    text: Optional[StrictStr] = None
+    entities: List[EntityIn]
+    author: Optional[StrictStr] = Field(None, max_length=200)
+    allow_partial: StrictBool = Field(False, description="widen spans that split a token to whole tokens (if the server allows it)")
+
+    @model_validator(mode="after")
+    def _target(self) -> "FeedbackRequest":
+        if self.prediction_id is None and self.text is None:
+            raise ValueError("give 'prediction_id' (to correct a prediction) or 'text' (to annotate a new text)")
+        return self
+
+
+class EntitySpan(BaseModel):
+    start: int
+    end: int
+    label: str
+    text: str
+
+
+class FeedbackResponse(BaseModel):
+    id: int
+    prediction_id: Optional[uuid.UUID]
+    document_id: uuid.UUID
+    entities: List[EntitySpan]
+    replayed: bool = Field(description="true when an earlier request with the same Idempotency-Key stored it")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    labels: List[str]
+    language: str
+    metrics: dict
+    lineage: dict
+
+
+class QueueItem(BaseModel):
+    prediction_id: uuid.UUID
+    text: str
+    entities: list
+    min_score: float
+    model: ModelRef
+
+
+class ModelVersionOut(BaseModel):
+    id: int
+    name: str
+    version: str
+    path: str
+    active: bool
+    metrics: dict
+    lineage: dict
+
+
+class RegisterModel(Strict):
+    path: StrictStr = Field(description="model folder, as seen by the service")
+    activate: StrictBool = True

@@ -1,0 +1,121 @@
+"""Text -> entities for the service: the served model (swappable without a restart), the
+micro-batcher in front of it, and the group writer that stores predictions. No FastAPI here."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Sequence
+
+from ml.pipeline import TextResult, TextTagger
+from ml.predictor import Predictor
+from service import metrics
+from service.batching import MicroBatcher
+from service.config import Settings
+
+log = logging.getLogger("service.tagging")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    path: Path
+    labels: List[str]
+    language: str
+    metrics: dict
+    lineage: dict
+    tagger: TextTagger = field(repr=False, compare=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ServedModel":
+        """Load and smoke-test a model folder; raises ModelLoadError (or another error) if unusable."""
+        predictor = Predictor.load(path)
+        loaded = predictor.loaded
+        assert loaded is not None
+        tagger = TextTagger(predictor)
+        tagger.tag(["Smoke test, please ignore."])  # fails here, not on a user's request
+        return cls(loaded.meta.name, loaded.meta.version, Path(path).resolve(), predictor.labels, loaded.meta.language,
+                   loaded.metrics, loaded.meta.lineage, tagger)
+
+    def info(self) -> dict:
+        return {"name": self.name, "version": self.version}
+
+
+@dataclass
+class Tagged:
+    result: TextResult
+    model: ServedModel
+    seconds: float  # the batch's tokenization + forward time
+
+
+class TaggingEngine:
+    """Owns the served model and the inference batcher. ``switch`` replaces the model between two
+    batches: a batch always runs on one model, and a request in flight is never failed by it."""
+
+    def __init__(self, model: ServedModel, settings: Settings):
+        self.model = model
+        self.settings = settings
+        self.batcher: MicroBatcher[str, Tagged] = MicroBatcher(
+            self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
+            name="inference", on_depth=metrics.QUEUE_DEPTH.set,
+        )
+        metrics.QUEUE_CAPACITY.set(settings.queue_max_texts)
+        metrics.set_model_info(model.name, model.version)
+
+    def start(self) -> "TaggingEngine":
+        self.batcher.start()
+        return self
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def switch(self, model: ServedModel) -> ServedModel:
+        old, self.model = self.model, model  # one reference assignment: atomic for the worker thread
+        metrics.set_model_info(model.name, model.version)
+        log.info("now serving %s %s (was %s %s)", model.name, model.version, old.name, old.version)
+        return old
+
+    def _process(self, texts: List[str]) -> List[Tagged]:
+        model = self.model
+        started = time.perf_counter()
+        results = model.tagger.tag(texts)
+        seconds = time.perf_counter() - started
+        metrics.BATCH_SIZE.observe(len(texts))
+        metrics.INFERENCE_LATENCY.observe(seconds)
+        metrics.BATCH_SENTENCES.observe(sum(r.sentences for r in results))
+        metrics.TOKENS.inc(sum(len(r.tokens) for r in results))
+        for r in results:
+            for e in r.entities:
+                metrics.ENTITIES.labels(label=e.label).inc()
+        return [Tagged(r, model, seconds) for r in results]
+
+    async def tag(self, texts: Sequence[str]) -> List[Tagged]:
+        return await self.batcher.submit(list(texts))
+
+
+def min_token_score(result: TextResult) -> float:
+    return min((t.score for t in result.tokens), default=1.0)
+
+
+def new_prediction_id() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def entity_dicts(result: TextResult) -> List[dict]:
+    return [{"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6)} for e in result.entities]
+
+
+def prediction_writer(sessionmaker, settings: Settings) -> MicroBatcher:
+    """Group commit: predictions of concurrent requests go to the database in one transaction."""
+    from service.db import repositories
+
+    def write(records: List[repositories.PredictionRecord]) -> List[bool]:
+        with sessionmaker() as session:
+            repositories.store_predictions(session, records=records, store_text=settings.store_text)
+        metrics.PREDICTIONS_STORED.inc(len(records))
+        return [True] * len(records)
+
+    return MicroBatcher(write, settings.db_write_batch, 1.0, 16 * settings.db_write_batch, name="prediction-writer")
