@@ -1,0 +1,143 @@
+"""Load benchmark: requests/s and p50/p95/p99 latency of POST /tag against a running server on
+loopback, driven by wrk (Debian package `wrk`), with persistence on.
+
+    python benchmarks/load.py                       # SQLite and PostgreSQL, concurrency 1/8/32
+    python benchmarks/load.py --db sqlite --seconds 5 --concurrency 32
+
+For each database it starts `ner serve --workers N` on a fresh database (a SQLite file, or a new
+PostgreSQL database on 127.0.0.1:5432), warms it up, runs wrk per (text kind, concurrency), and
+prints a Markdown table. Nothing here is a test: numbers depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCE = "Angela Merkel met Emmanuel Macron in Paris on Tuesday to discuss the European Union budget."
+PARAGRAPH_SOURCE = (
+    "The European Commission said on Thursday it disagreed with German advice to consumers to shun British lamb until "
+    "scientists determine whether mad cow disease can be transmitted to sheep. Germany's representative to the European "
+    "Union's veterinary committee Werner Zwingmann said on Wednesday consumers should buy sheepmeat from countries other "
+    "than Britain until the scientific advice was clearer. Peter Blackburn reported from Brussels for Reuters. "
+)
+
+
+def paragraph(chars: int = 2000) -> str:
+    text = (PARAGRAPH_SOURCE * (chars // len(PARAGRAPH_SOURCE) + 1))[:chars]
+    return text[: text.rfind(" ")]
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def run_wrk(url: str, body_file: str, concurrency: int, seconds: int) -> dict:
+    env = {**os.environ, "BODY_FILE": body_file}
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(ROOT / "benchmarks" / "tag.lua"), url + "/tag"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def create_pg_database(admin_url: str) -> tuple[str, str]:
+    from sqlalchemy import create_engine, text
+
+    name = f"ner_bench_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}", name
+
+
+def drop_pg_database(admin_url: str, name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    engine.dispose()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--port", type=int, default=8731)
+    p.add_argument("--model", help="model folder (default: the bundled one)")
+    p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="ner-bench-"))
+    bodies = {"sentence": tmp / "sentence.json", "2000 chars": tmp / "paragraph.json"}
+    bodies["sentence"].write_text(json.dumps({"text": SENTENCE}))
+    bodies["2000 chars"].write_text(json.dumps({"text": paragraph()}))
+    rows = []
+    for db in (["sqlite", "postgres"] if args.db == "both" else [args.db]):
+        pg_name = None
+        if db == "sqlite":
+            url = f"sqlite:///{tmp / 'bench.db'}"
+        else:
+            url, pg_name = create_pg_database(args.pg_admin_url)
+        env = {**os.environ, "DATABASE_URL": url}
+        if args.model:
+            env["NER_MODEL"] = args.model
+        subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, cwd=ROOT, capture_output=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port), "--workers", str(args.workers), "--log-level", "warning"],
+            env=env, cwd=ROOT, start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{args.port}"
+        try:
+            wait_ready(base)
+            for kind, body in bodies.items():
+                run_wrk(base, str(body), 8, 2)  # warm-up
+                for c in args.concurrency:
+                    r = run_wrk(base, str(body), c, args.seconds)
+                    rows.append({"db": db, "text": kind, "concurrency": c, **r})
+                    print(f"{db:8s} {kind:10s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}", file=sys.stderr)
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+            if pg_name:
+                drop_pg_database(args.pg_admin_url, pg_name)
+
+    print(f"\nPOST /tag, persistence on, `ner serve --workers {args.workers}`, wrk -t1, {args.seconds} s per row\n")
+    print("| database | text | concurrency | requests/s | p50 ms | p95 ms | p99 ms | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['db']} | {r['text']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
