@@ -32,8 +32,7 @@ RUN set -eux; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "the service needs Python >= 3.11; choose another BASE_IMAGE")'; \
-    python3 -m venv /opt/venv; \
-    pip install --upgrade pip
+    python3 -m venv /opt/venv
 
 WORKDIR /app
 
@@ -46,10 +45,12 @@ RUN set -eux; \
     pip install -r /tmp/deps.txt; \
     rm /tmp/torch.txt /tmp/deps.txt
 
-# the code and the bundled model (see .dockerignore for what stays out). The install is editable on
+# the code and the bundled model (see .dockerignore for what stays out), readable by the service's
+# user whatever the modes in the build context (safetensors writes 0600). The install is editable on
 # purpose: the bundled model is found beside the `ml` package (models/en-conll03), i.e. in /app.
 COPY . .
 RUN set -eux; \
+    chmod -R a+rX /app; \
     test -f models/en-conll03/weights.safetensors || { echo "models/en-conll03 is missing from the build context: train or copy the bundled model first" >&2; exit 1; }; \
     pip install --no-deps -e .; \
     python -c "from ml.artifact import default_model_path; from service.tagging import ServedModel; m = ServedModel.load(default_model_path()); print('bundled model:', m.name, m.version)"; \
@@ -62,7 +63,7 @@ RUN set -eux; \
     useradd --system --uid 10001 --gid ner --home-dir /home/ner --create-home --shell /usr/sbin/nologin ner; \
     mkdir -p /data/models; \
     chown ner:ner /data/models
-USER ner
+USER 10001:10001
 
 EXPOSE 8000
 

@@ -101,6 +101,8 @@ def save_model(folder: str | Path, model: Tagger, config: Config, vocab: Vocabul
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     vocab.save(tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2))
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; a model is read by other users (the service's)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -9,7 +9,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+    # an empty variable (ADMIN_KEY= in a compose file) means unset, not an invalid empty key
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     database_url: str = Field("sqlite:///./ner.db", description="SQLAlchemy URL; Postgres as postgresql+psycopg://user:pass@host/db")
     ner_model: Optional[Path] = Field(None, description="model folder to serve first (default: the active version in the database, else the bundled model)")

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from fastapi import FastAPI
 
-from service import errors
+from service import errors, metrics
 from service.api.deps import Runtime
 from service.api.routes import annotations, feedback, health, models, tag
 from service.config import Settings
@@ -47,6 +47,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             tagging.close()
             writer.close()
             engine.dispose()
+            metrics.worker_exited()
 
     app = FastAPI(
         title="NER service",

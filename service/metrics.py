@@ -35,6 +35,15 @@ MODEL_INFO = Gauge("ner_model_info", "The model version this worker serves (valu
 MODEL_SWITCHES = Counter("ner_model_switches_total", "Model versions activated without a restart", ["result"])
 
 
+# Labelled series exist only once a label value is used, and Prometheus cannot see the first
+# increment of a series it has never scraped: create the known ones at zero.
+for _operation in ("session", "store_prediction", "store_feedback", "export", "readyz"):
+    DB_ERRORS.labels(operation=_operation)
+for _source in ("prediction", "text"):
+    FEEDBACK.labels(source=_source)
+for _result in ("ok", "failed", "refused"):
+    MODEL_SWITCHES.labels(result=_result)
+
 _served: list = []
 
 
@@ -45,6 +54,12 @@ def set_model_info(name: str, version: str) -> None:
         MODEL_INFO.labels(name=old[0], version=old[1]).set(0)
     _served[:] = [(name, version)]
     MODEL_INFO.labels(name=name, version=version).set(1)
+
+
+def worker_exited() -> None:
+    """Drop this process's live gauges (queue depth, model info) from the multiprocess totals."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())
 
 
 def render() -> tuple[bytes, str]:

@@ -1,4 +1,6 @@
-"""Dependencies as Annotated aliases: the app's runtime state, a database session, API keys."""
+"""Dependencies as Annotated aliases: the app's runtime state, a database session, API keys.
+The cheap ones are ``async def``: FastAPI would run a plain ``def`` in its thread pool, a thread
+hop per request on the hot path."""
 from __future__ import annotations
 
 import hmac
@@ -28,7 +30,7 @@ class Runtime:
     writer: MicroBatcher
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
@@ -55,22 +57,33 @@ def _matches_any(given: str, keys: list[str]) -> bool:
     return found
 
 
-def require_api_key(runtime: RuntimeDep, x_api_key: Annotated[Optional[str], Header()] = None) -> None:
+async def require_api_key(
+    runtime: RuntimeDep,
+    x_api_key: Annotated[Optional[str], Header()] = None,
+    authorization: Annotated[Optional[str], Header()] = None,
+) -> None:
+    """``X-API-Key: KEY``, or ``Authorization: Bearer KEY`` (what Prometheus can send when scraping)."""
     keys = runtime.settings.api_keys
     if not keys:
         return
+    if x_api_key is None and authorization is not None and authorization.lower().startswith("bearer "):
+        x_api_key = authorization[7:].strip()
     if x_api_key is None:
         raise ApiError(401, "unauthorized", "missing X-API-Key header", {"WWW-Authenticate": "ApiKey"})
     if not _matches_any(x_api_key, keys):
         raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "ApiKey"})
 
 
-def require_probe_key(runtime: RuntimeDep, x_api_key: Annotated[Optional[str], Header()] = None) -> None:
+async def require_probe_key(
+    runtime: RuntimeDep,
+    x_api_key: Annotated[Optional[str], Header()] = None,
+    authorization: Annotated[Optional[str], Header()] = None,
+) -> None:
     if runtime.settings.protect_probes:
-        require_api_key(runtime, x_api_key)
+        await require_api_key(runtime, x_api_key, authorization)
 
 
-def require_admin_key(runtime: RuntimeDep, x_admin_key: Annotated[Optional[str], Header()] = None) -> None:
+async def require_admin_key(runtime: RuntimeDep, x_admin_key: Annotated[Optional[str], Header()] = None) -> None:
     admin = runtime.settings.admin_key
     if admin is None:
         raise ApiError(403, "admin_disabled", "admin endpoints are disabled: set ADMIN_KEY to enable them")

@@ -200,8 +200,13 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path):
     _write_corpus(tmp_path / "data", 48, 2)
     config = _small_config_file(tmp_path / "small.toml", 4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ml",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "ml",
          "train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--quiet"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )

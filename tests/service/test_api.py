@@ -244,6 +244,7 @@ def test_api_keys_and_open_probes(sqlite_url, small_model_dir):
         assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
     with running_app(make_settings(sqlite_url, small_model_dir, api_keys=keys, protect_probes=True)) as c:
         assert c.get("/metrics").status_code == 401 and c.get("/metrics", headers={"X-API-Key": keys[0]}).status_code == 200
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {keys[1]}"}).status_code == 200  # as Prometheus sends it
 
 
 def test_partial_spans_are_widened_when_the_server_allows_it(sqlite_url, small_model_dir):
@@ -279,8 +280,16 @@ def test_refuses_to_start_on_an_unmigrated_database(sqlite_url, small_model_dir)
         assert c.get("/readyz").status_code == 200
 
 
-def test_settings_refuse_unsafe_values():
+def test_settings_refuse_unsafe_values(monkeypatch):
     with pytest.raises(ValueError, match="shorter than 16"):
         Settings(api_keys="short", _env_file=None)
+    monkeypatch.setenv("ADMIN_KEY", "")  # as a compose file passes an unset variable
+    monkeypatch.setenv("API_KEYS", "k" * 16 + ", " + "q" * 16)
+    settings = Settings(_env_file=None)
+    assert settings.admin_key is None and settings.api_keys == ["k" * 16, "q" * 16]
+    monkeypatch.setenv("ADMIN_KEY", "short")
+    with pytest.raises(ValueError, match="ADMIN_KEY must be at least 16"):
+        Settings(_env_file=None)
+    monkeypatch.delenv("ADMIN_KEY")
     with pytest.raises(ValueError, match="QUEUE_MAX_TEXTS"):
         Settings(queue_max_texts=2, max_batch_texts=10, _env_file=None)

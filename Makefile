@@ -1,0 +1,45 @@
+# The two commands that matter:  make serve  /  make test
+# Both create .venv on first use (CPU build of torch 2.13.0; see README for CUDA).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+WORKERS ?= 1
+
+.PHONY: serve test install system-deps bench-load bench-accuracy clean
+
+$(BIN)/ner: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,train]'
+	touch $@
+
+install: $(BIN)/ner
+
+# Start the service: embedded SQLite file (./ner.db, migrated on the spot) and the bundled model.
+serve: $(BIN)/ner
+	$(BIN)/ner db upgrade
+	$(BIN)/ner serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+# Debian's prometheus package (Prometheus 2.42 + promtool) for the monitoring-stack tests.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "promtool missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
+
+# The whole test suite, PostgreSQL tests included (server at 127.0.0.1:5432).
+test: $(BIN)/ner system-deps
+	$(BIN)/python -m pytest -q
+
+bench-load: $(BIN)/ner
+	$(BIN)/python benchmarks/load.py
+
+bench-accuracy: $(BIN)/ner
+	$(BIN)/python benchmarks/accuracy.py --data ../shared/data/conll2003 seeds --seeds 1 2 3
+	$(BIN)/python benchmarks/accuracy.py --data ../shared/data/conll2003 ablations --epochs 8
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

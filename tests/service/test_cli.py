@@ -1,0 +1,75 @@
+"""The `ner` command as users run it: `ner db`, and `ner serve` with several workers whose metrics
+are aggregated (Prometheus multiprocess mode)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ner(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, **kwargs)
+
+
+def test_db_commands_and_refusal_of_an_unmigrated_database(tmp_path):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    out = ner("db", "current", env=env)
+    assert out.returncode == 0 and "database revision: None" in out.stdout
+    out = ner("db", "upgrade", env=env)
+    assert out.returncode == 0 and re.search(r"database revision: (\w+) \(code: \1\)", out.stdout)
+    out = ner("db", "downgrade", "base", env=env)
+    assert out.returncode == 0 and "database revision: None" in out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_with_two_workers_aggregates_metrics(tmp_path, small_model_dir):
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 's.db'}", NER_MODEL=str(small_model_dir), PYTHONPATH=str(ROOT))
+    assert ner("db", "upgrade", env=env).returncode == 0
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "ner serve did not become ready"
+            time.sleep(0.3)
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for i in range(30):
+                assert c.post("/tag", json={"text": f"Tom visited Oslo . {i}"}, headers={"Connection": "close"}).status_code == 200
+            totals = set()
+            pids = set()
+            for _ in range(6):
+                text = c.get("/metrics", headers={"Connection": "close"}).text
+                m = re.search(r'^ner_http_requests_total\{method="POST",route="/tag",status="200"\} ([0-9.]+)$', text, re.M)
+                assert m, text[:2000]
+                totals.add(float(m.group(1)))
+                pids |= set(re.findall(r'ner_model_info\{name="small",pid="(\d+)",version="1.0.0"\} 1.0', text))
+        # whichever worker answers /metrics, it reports the sum over both workers
+        assert totals == {30.0}
+        assert len(pids) == 2, "both workers should report the model they serve"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
