@@ -29,18 +29,20 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(tmp_path, s
     url = f"sqlite:///{tmp_path / 'b.db'}"
     upgrade(url)
     with LiveServer(make_settings(url, small_model_dir, batch_max_wait_ms=20.0)) as server:
+        names = ("ner_inference_batch_size_count", "ner_inference_batch_size_sum", 'ner_inference_batch_size_bucket{le="1.0"}')
+        # the metrics live in the process-wide registry: earlier tests counted too, so take differences
+        before = httpx.get(f"{server.url}/metrics").text
         texts = [f"{SENTENCES[i % 4]} {i}" for i in range(48)]
         responses = asyncio.run(_concurrent(server.url, len(texts), lambda i: {"text": texts[i], "include_tokens": True}))
         for text, r in zip(texts, responses):
             assert r.status_code == 200, r.text
             tokens = [t["text"] for t in r.json()["tokens"]]
             assert tokens == text.split()  # its own text, not a neighbour's
-        metrics = httpx.get(f"{server.url}/metrics").text
-        batches = metric_value(metrics, "ner_inference_batch_size_count")
-        texts_tagged = metric_value(metrics, "ner_inference_batch_size_sum")
+        after = httpx.get(f"{server.url}/metrics").text
+        batches, texts_tagged, singles = (metric_value(after, n) - metric_value(before, n) for n in names)
         assert texts_tagged == 48
         assert batches < 48, f"{batches} forward passes for 48 concurrent requests: nothing was merged"
-        assert metric_value(metrics, 'ner_inference_batch_size_bucket{le="1.0"}') < batches  # some batch held several texts
+        assert singles < batches  # some batch held several texts
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path, small_model_dir):
@@ -48,12 +50,14 @@ def test_full_queue_answers_503_with_retry_after(tmp_path, small_model_dir):
     upgrade(url)
     settings = make_settings(url, small_model_dir, queue_max_texts=4, max_batch_texts=4, batch_max_texts=1, batch_max_wait_ms=50.0)
     with LiveServer(settings) as server:
+        rejected_before = metric_value(httpx.get(f"{server.url}/metrics").text, "ner_queue_rejected_total")
         responses = asyncio.run(_concurrent(server.url, 40, lambda i: {"texts": [SENTENCES[i % 4]] * 4, "store": False}))
         codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
         rejected = next(r for r in responses if r.status_code == 503)
         assert rejected.json()["error"]["code"] == "overloaded" and int(rejected.headers["Retry-After"]) >= 1
-        assert metric_value(httpx.get(f"{server.url}/metrics").text, "ner_queue_rejected_total") > 0
+        counted = metric_value(httpx.get(f"{server.url}/metrics").text, "ner_queue_rejected_total") - rejected_before
+        assert counted == 4 * codes.count(503)
 
 
 @pytest.mark.postgres
@@ -66,6 +70,8 @@ def test_database_down_then_back(pg_server_url, small_model_dir):
             with httpx.Client(base_url=server.url, timeout=30) as c:
                 before = c.post("/tag", json={"text": "Tom visited Oslo ."}).json()
                 assert before["stored"] is True
+                failures_before = metric_value(c.get("/metrics").text, "ner_feedback_store_failures_total")
+                store_errors_before = metric_value(c.get("/metrics").text, 'ner_db_errors_total{operation="store_prediction"}')
                 proxy.cut()
                 down = c.post("/tag", json={"text": "Tom visited Oslo ."})
                 assert down.status_code == 200
@@ -78,8 +84,8 @@ def test_database_down_then_back(pg_server_url, small_model_dir):
                 assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("unavailable")
                 assert c.get("/healthz").status_code == 200
                 metrics = c.get("/metrics").text
-                assert metric_value(metrics, "ner_feedback_store_failures_total") >= 1
-                assert 'ner_db_errors_total{operation="store_prediction"}' in metrics
+                assert metric_value(metrics, "ner_feedback_store_failures_total") - failures_before == 2
+                assert metric_value(metrics, 'ner_db_errors_total{operation="store_prediction"}') - store_errors_before == 1
 
                 proxy.restore()
                 assert c.get("/readyz").status_code == 200
