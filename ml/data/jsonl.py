@@ -45,8 +45,11 @@ def parse_record(record: object) -> tuple[str, list[tuple[int, int, str]]]:
     return text, spans
 
 
-def text_to_sentences(text: str, entities: list[tuple[int, int, str]], language: str = "en", doc_id: int | None = None) -> List[Sentence]:
-    """Tokenize, split into sentences (keeping entities whole), and align the character spans."""
+def text_to_sentences(
+    text: str, entities: list[tuple[int, int, str]], language: str = "en", doc_id: int | None = None, allow_partial: bool = False
+) -> List[Sentence]:
+    """Tokenize, split into sentences (keeping entities whole), and align the character spans
+    (widened to whole tokens with ``allow_partial``, else AlignmentError)."""
     groups: List[List[Token]] = []
     for sent in get_tokenizer(language).sentences(text):
         # an entity that started in the previous sentence and has not ended: join the two
@@ -58,7 +61,7 @@ def text_to_sentences(text: str, entities: list[tuple[int, int, str]], language:
     for tokens in groups:
         lo, hi = tokens[0].start, tokens[-1].end
         inside = [e for e in entities if e[0] < hi and lo < e[1]]
-        spans = char_spans_to_token_spans(tokens, inside)
+        spans = char_spans_to_token_spans(tokens, inside, allow_partial)
         out.append(Sentence([t.text for t in tokens], spans, text=text, offsets=[(t.start, t.end) for t in tokens], doc_id=doc_id))
     return out
 

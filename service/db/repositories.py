@@ -74,23 +74,24 @@ def create_annotation(
     entities: List[dict],
     author: Optional[str],
     source: str,
-    store_text: bool,
     prediction: Optional[Prediction] = None,
     idempotency_key: Optional[str] = None,
     request_sha256: Optional[str] = None,
 ) -> StoredAnnotation:
     """Store a correction; earlier accepted corrections of the same document are superseded.
-    A repeated idempotency key with the same body returns the first annotation, unchanged."""
+    A repeated idempotency key with the same body returns the first annotation, unchanged.
+    The corrected text is always kept, also when STORE_TEXT keeps only hashes of tagged texts:
+    a correction is training data, and training needs the text."""
     if idempotency_key is not None:
         found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "")
         if found is not None:
             return StoredAnnotation(found, True)
     if prediction is not None:
         document = prediction.document
-        if document.text is None and store_text:
+        if document.text is None:
             document.text = text
     else:
-        document = Document(id=uuid.uuid4(), text=text if store_text else None, text_sha256=sha256(text), length=len(text))
+        document = Document(id=uuid.uuid4(), text=text, text_sha256=sha256(text), length=len(text))
         session.add(document)
         session.flush()
     session.execute(

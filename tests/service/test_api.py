@@ -253,21 +253,29 @@ def test_partial_spans_are_widened_when_the_server_allows_it(sqlite_url, small_m
         assert r.status_code == 201 and r.json()["entities"] == [{"start": 0, "end": 5, "label": "PER", "text": "Tommy"}]
 
 
-def test_privacy_mode_keeps_only_hashes(sqlite_url, small_model_dir):
+def test_privacy_mode_keeps_only_hashes_of_tagged_texts(sqlite_url, small_model_dir):
     from sqlalchemy import create_engine, text as sql
+
+    def stored_texts():
+        engine = create_engine(sqlite_url)
+        with engine.connect() as conn:
+            texts = [row[0] for row in conn.execute(sql("SELECT text FROM documents WHERE text IS NOT NULL"))]
+        engine.dispose()
+        return texts
 
     with running_app(make_settings(sqlite_url, small_model_dir, store_text=False)) as c:
         pred = c.post("/tag", json={"text": "Tom visited Oslo ."}).json()
+        c.post("/tag", json={"text": "Olga visited Lagos ."})
+        assert pred["stored"] is True and stored_texts() == []
         r = c.post("/feedback", json={"prediction_id": pred["id"], "entities": []})
         assert r.status_code == 422 and r.json()["error"]["code"] == "text_required"
         r = c.post("/feedback", json={"prediction_id": pred["id"], "text": "Tom visited Oslo !", "entities": []})
         assert r.json()["error"]["code"] == "text_mismatch"
         r = c.post("/feedback", json={"prediction_id": pred["id"], "text": "Tom visited Oslo .", "entities": [{"start": 0, "end": 3, "label": "PER"}]})
         assert r.status_code == 201
-    engine = create_engine(sqlite_url)
-    with engine.connect() as conn:
-        assert conn.execute(sql("SELECT count(*) FROM documents WHERE text IS NOT NULL")).scalar() == 0
-    engine.dispose()
+        # the corrected text is kept (it is training data) and exported; the other stays a hash
+        assert stored_texts() == ["Tom visited Oslo ."]
+        assert [json.loads(line)["text"] for line in c.get("/annotations").text.splitlines()] == ["Tom visited Oslo ."]
 
 
 def test_refuses_to_start_on_an_unmigrated_database(sqlite_url, small_model_dir):

@@ -13,7 +13,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ml.data.conll import write_conll
 from ml.data.jsonl import text_to_sentences
-from ml.data.tokenizer import AlignmentError
 from service import metrics
 from service.api.deps import RuntimeDep, SessionDep, require_api_key
 from service.db import repositories
@@ -27,19 +26,16 @@ def export_lines(sessions, language: str, fmt: str, since: Optional[dt.datetime]
     """One JSONL record, or one CoNLL document (IOB2, two columns), per accepted correction."""
     with sessions() as session:
         for a in repositories.iter_annotations(session, since=since):
-            text = a.document.text
-            if text is None:
-                continue  # STORE_TEXT off: a hash cannot be trained on (documented in the README)
+            text = a.document.text  # always kept for corrected texts (see repositories.create_annotation)
             entities = repositories.annotation_entities(a)
             if fmt == "jsonl":
                 meta = {"author": a.author, "source": a.source, "created_at": a.created_at.isoformat(), "prediction_id": str(a.prediction_id) if a.prediction_id else None}
                 yield json.dumps({"id": a.id, "text": text, "entities": entities, "meta": meta}, ensure_ascii=False) + "\n"
             else:
                 spans = [(e["start"], e["end"], e["label"]) for e in entities]
-                try:
-                    sentences = text_to_sentences(text, spans, language, doc_id=a.id)
-                except AlignmentError:
-                    continue  # stored spans were aligned when accepted; only a tokenizer change can get here
+                # spans were token-aligned when accepted; only another tokenizer (a model of another
+                # language since) could split them, and then they are widened to whole tokens
+                sentences = text_to_sentences(text, spans, language, doc_id=a.id, allow_partial=True)
                 out = io.StringIO()
                 write_conll(sentences, out, scheme="iob2")
                 yield out.getvalue()

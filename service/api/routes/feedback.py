@@ -95,7 +95,7 @@ def feedback(
         entities = validate_entities(body, text, runtime)
         result = repositories.create_annotation(
             session, text=text, entities=entities, author=body.author, source="prediction" if prediction is not None else "text",
-            store_text=settings.store_text, prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha,
+            prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha,
         )
     except repositories.IdempotencyConflict:
         raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {idempotency_key!r} was already used with a different request body") from None
