@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 DEFAULT_MODEL_HELP = "model folder (default: $NER_MODEL, else the bundled models/en-conll03)"
 

@@ -10,8 +10,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from ml.artifact import LoadedModel, entity_types, load_model
-from ml.data.tensorize import tensorize
 from ml.data import Sentence
+from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
 from ml.labels import Span, lenient_spans, spans_to_tags
 from ml.model import Tagger

@@ -55,9 +55,8 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
         return cmd_train(args)
     import datetime as dt
 
-    from service.db import repositories
-    from service.db.session import check_schema, make_engine, make_sessionmaker
     from service.api.routes.annotations import export_lines
+    from service.db.session import check_schema, make_engine, make_sessionmaker
 
     since = dt.datetime.fromisoformat(args.since) if args.since else None
     if since is not None and since.tzinfo is None:

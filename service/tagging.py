@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence
@@ -47,8 +46,7 @@ class ServedModel:
 @dataclass
 class Tagged:
     result: TextResult
-    model: ServedModel
-    seconds: float  # the batch's tokenization + forward time
+    model: ServedModel  # the version that tagged it
 
 
 class TaggingEngine:
@@ -90,7 +88,7 @@ class TaggingEngine:
         for r in results:
             for e in r.entities:
                 metrics.ENTITIES.labels(label=e.label).inc()
-        return [Tagged(r, model, seconds) for r in results]
+        return [Tagged(r, model) for r in results]
 
     async def tag(self, texts: Sequence[str]) -> List[Tagged]:
         return await self.batcher.submit(list(texts))
@@ -98,10 +96,6 @@ class TaggingEngine:
 
 def min_token_score(result: TextResult) -> float:
     return min((t.score for t in result.tokens), default=1.0)
-
-
-def new_prediction_id() -> uuid.UUID:
-    return uuid.uuid4()
 
 
 def entity_dicts(result: TextResult) -> List[dict]:

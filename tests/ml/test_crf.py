@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from ml.labels import allowed_transitions, tag_set, tags_to_spans, TagError
+from ml.labels import allowed_transitions, tag_set, tags_to_spans
 from ml.modules.crf import CRF, FORBIDDEN, SoftmaxHead
 
 LENGTHS = [4, 2, 1, 3]

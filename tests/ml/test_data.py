@@ -6,11 +6,10 @@ import io
 import json
 
 import pytest
-import torch
 
-from ml.data import DataFormatError, Sentence, read_corpus
+from ml.data import DataFormatError, read_corpus
 from ml.data.conll import read_conll, write_conll
-from ml.data.jsonl import read_jsonl, sentence_to_record, text_to_sentences, write_jsonl
+from ml.data.jsonl import read_jsonl, text_to_sentences, write_jsonl
 from ml.data.tensorize import tensorize
 from ml.data.tokenizer import AlignmentError, Tokenizer, char_spans_to_token_spans
 from ml.labels import Span

@@ -7,7 +7,15 @@ import random
 import pytest
 
 from ml.labels import (
-    Span, TagError, allowed_transitions, convert_tags, detect_scheme, lenient_spans, spans_to_tags, tag_set, tags_to_spans,
+    Span,
+    TagError,
+    allowed_transitions,
+    convert_tags,
+    detect_scheme,
+    lenient_spans,
+    spans_to_tags,
+    tag_set,
+    tags_to_spans,
 )
 
 

@@ -254,7 +254,8 @@ def test_partial_spans_are_widened_when_the_server_allows_it(sqlite_url, small_m
 
 
 def test_privacy_mode_keeps_only_hashes_of_tagged_texts(sqlite_url, small_model_dir):
-    from sqlalchemy import create_engine, text as sql
+    from sqlalchemy import create_engine
+    from sqlalchemy import text as sql
 
     def stored_texts():
         engine = create_engine(sqlite_url)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
-import time
 import re
+import time
+import uuid
 from typing import List, Union
 
 from fastapi import APIRouter, Depends
@@ -16,7 +17,7 @@ from service.config import Settings
 from service.db.repositories import PredictionRecord
 from service.errors import ApiError
 from service.schemas import TagRequest, TagResult, TagResults
-from service.tagging import entity_dicts, min_token_score, new_prediction_id
+from service.tagging import entity_dicts, min_token_score
 
 router = APIRouter(tags=["tagging"], dependencies=[Depends(require_api_key)])
 log = logging.getLogger("service.tag")
@@ -59,7 +60,7 @@ async def tag(body: TagRequest, runtime: RuntimeDep) -> JSONResponse:
         raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "5"}) from None
     latency_ms = (time.perf_counter() - started) * 1000
 
-    ids = [new_prediction_id() for _ in texts]
+    ids = [uuid.uuid4() for _ in texts]
     stored = False
     if body.store:
         records = [
