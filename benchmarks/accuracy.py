@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,13 @@ def run_one(name: str, overrides: list, data: Path, out_root: Path, epochs: int 
     result_file = out_root / f"{slug(name)}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
+    lock = out_root / f"{slug(name)}.lock"
     if not (folder / "metrics.json").exists():  # a finished model folder is evaluated, not retrained
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            print(f"skipping {name}: another process is training it ({lock})", file=sys.stderr)
+            return {}
         sets = []
         for o in overrides + ([f"train.epochs={epochs}"] if epochs else []):
             sets += ["--set", o]
@@ -57,6 +64,7 @@ def run_one(name: str, overrides: list, data: Path, out_root: Path, epochs: int 
         out = subprocess.run([sys.executable, "-m", "ml", "evaluate", "--model", str(folder), "--data", str(data / file), "--json"], check=True, capture_output=True, text=True, cwd=ROOT)
         scores[split] = json.loads(out.stdout)["f1"]
     result_file.write_text(json.dumps(scores, indent=2))
+    lock.unlink(missing_ok=True)
     return scores
 
 
@@ -104,7 +112,7 @@ def main() -> int:
         for name, (_, overrides) in ABLATIONS.items():
             if args.only and name not in args.only:
                 continue
-            run_one(f"ablation: {name}", overrides, args.data, args.out, args.epochs)
+            run_one(f"ablation: {name}", overrides + ["train.seed=1"], args.data, args.out, args.epochs)
 
     results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
     seeds = [r for r in results if r["name"].startswith("shipped config")]

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
 
     # micro-batching
     batch_max_texts: int = 64  # texts merged into one forward pass
-    batch_max_wait_ms: float = 2.0  # how long the first text of a batch waits for company
+    # how long the first text of a batch waits for company; 0 = take what is queued: while one batch
+    # runs the next one fills up, so batches grow with the load and an idle server adds no delay
+    batch_max_wait_ms: float = 0.0
     queue_max_texts: int = 2048  # beyond this, /tag answers 503 with Retry-After
     torch_threads: int = 1  # per worker process
 

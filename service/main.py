@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from typing import Optional
 
@@ -37,6 +38,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         tagging = TaggingEngine(model, config).start()
         writer = prediction_writer(sessions, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
+        # move everything built so far (torch, spaCy, the model) out of the garbage collector's
+        # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
+        gc.collect()
+        gc.freeze()
         poller = asyncio.create_task(follow_active(app.state.runtime, config.model_poll_s)) if config.model_poll_s > 0 else None
         log.info("serving %s %s; database %s", model.name, model.version, engine.url.render_as_string(hide_password=True))
         try:

@@ -112,4 +112,4 @@ def prediction_writer(sessionmaker, settings: Settings) -> MicroBatcher:
         metrics.PREDICTIONS_STORED.inc(len(records))
         return [True] * len(records)
 
-    return MicroBatcher(write, settings.db_write_batch, 1.0, 16 * settings.db_write_batch, name="prediction-writer")
+    return MicroBatcher(write, settings.db_write_batch, 0.0, 16 * settings.db_write_batch, name="prediction-writer")
