@@ -27,7 +27,7 @@ serve: $(BIN)/ner
 # Debian's prometheus package (Prometheus 2.42 + promtool) for the monitoring-stack tests.
 system-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
 
 # The whole test suite, PostgreSQL tests included (server at 127.0.0.1:5432).
