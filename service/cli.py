@@ -55,8 +55,8 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
         return cmd_train(args)
     import datetime as dt
 
-    from service.api.routes.annotations import export_lines
     from service.db.session import check_schema, make_engine, make_sessionmaker
+    from service.exports import export_lines
 
     since = dt.datetime.fromisoformat(args.since) if args.since else None
     if since is not None and since.tzinfo is None:
@@ -66,7 +66,7 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
         check_schema(engine)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
             count = 0
-            for line in export_lines(make_sessionmaker(engine), "unused", "jsonl", since):
+            for line in export_lines(make_sessionmaker(engine), "jsonl", since):
                 f.write(line)
                 count += 1
     finally:

@@ -3,42 +3,20 @@ GET /annotations/queue: the stored texts the model was least sure about, for ann
 from __future__ import annotations
 
 import datetime as dt
-import io
-import json
 from typing import Iterator, Literal, Optional
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from ml.data.conll import write_conll
-from ml.data.jsonl import text_to_sentences
 from service import metrics
 from service.api.deps import RuntimeDep, SessionDep, require_api_key
 from service.db import repositories
 from service.errors import ApiError
+from service.exports import export_lines
 from service.schemas import QueueItem
 
 router = APIRouter(tags=["annotations"], dependencies=[Depends(require_api_key)])
-
-
-def export_lines(sessions, language: str, fmt: str, since: Optional[dt.datetime]) -> Iterator[str]:
-    """One JSONL record, or one CoNLL document (IOB2, two columns), per accepted correction."""
-    with sessions() as session:
-        for a in repositories.iter_annotations(session, since=since):
-            text = a.document.text  # always kept for corrected texts (see repositories.create_annotation)
-            entities = repositories.annotation_entities(a)
-            if fmt == "jsonl":
-                meta = {"author": a.author, "source": a.source, "created_at": a.created_at.isoformat(), "prediction_id": str(a.prediction_id) if a.prediction_id else None}
-                yield json.dumps({"id": a.id, "text": text, "entities": entities, "meta": meta}, ensure_ascii=False) + "\n"
-            else:
-                spans = [(e["start"], e["end"], e["label"]) for e in entities]
-                # spans were token-aligned when accepted; only another tokenizer (a model of another
-                # language since) could split them, and then they are widened to whole tokens
-                sentences = text_to_sentences(text, spans, language, doc_id=a.id, allow_partial=True)
-                out = io.StringIO()
-                write_conll(sentences, out, scheme="iob2")
-                yield out.getvalue()
 
 
 @router.get("/annotations")
@@ -49,7 +27,7 @@ def annotations(
 ):
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=dt.timezone.utc)
-    lines = export_lines(runtime.sessions, runtime.tagging.model.language, format, since)
+    lines = export_lines(runtime.sessions, format, since, language=runtime.tagging.model.language)
     try:
         first = next(lines, "")  # touch the database before the 200 goes out
     except SQLAlchemyError as e:

@@ -61,11 +61,12 @@ async def tag(body: TagRequest, runtime: RuntimeDep) -> JSONResponse:
     latency_ms = (time.perf_counter() - started) * 1000
 
     ids = [uuid.uuid4() for _ in texts]
+    entities = [entity_dicts(t.result) for t in tagged]
     stored = False
     if body.store:
         records = [
-            PredictionRecord(i, text, t.model.name, t.model.version, entity_dicts(t.result), min_token_score(t.result), latency_ms)
-            for i, text, t in zip(ids, texts, tagged)
+            PredictionRecord(i, text, t.model.name, t.model.version, ents, min_token_score(t.result), latency_ms)
+            for i, text, t, ents in zip(ids, texts, tagged, entities)
         ]
         try:
             await runtime.writer.submit(records)
@@ -76,8 +77,8 @@ async def tag(body: TagRequest, runtime: RuntimeDep) -> JSONResponse:
             log.warning("predictions not stored: %s: %s", type(e).__name__, e)
 
     results = []
-    for i, t in zip(ids, tagged):
-        result = {"id": str(i) if stored else None, "stored": stored, "model": t.model.info(), "entities": entity_dicts(t.result)}
+    for i, t, ents in zip(ids, tagged, entities):
+        result = {"id": str(i) if stored else None, "stored": stored, "model": t.model.info(), "entities": ents}
         if body.include_tokens:
             result["tokens"] = [{"text": k.text, "start": k.start, "end": k.end, "tag": k.tag, "score": round(k.score, 6)} for k in t.result.tokens]
         results.append(result)
