@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ml.modules.rnn import build_encoder  # noqa: E402

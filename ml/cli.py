@@ -3,6 +3,7 @@ alone; the ``ner`` command (``service.cli``) adds serve and db to the same parse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -108,48 +109,52 @@ def _sniff_format(path: Path) -> str:
     return "text"
 
 
+def _read_texts(path: Path, fmt: str) -> List[str]:
+    """The documents of a plain-text file (one per non-empty line) or a JSONL file (its texts)."""
+    from ml.data import DataFormatError
+    from ml.data.jsonl import parse_record
+
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if fmt == "text":
+                texts.append(line.rstrip("\n"))
+                continue
+            try:
+                texts.append(parse_record(json.loads(line))[0])
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise DataFormatError(path, number, str(e)) from None
+    return texts
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ml.pipeline import TextTagger
     from ml.predictor import Predictor
 
     predictor = Predictor.load(_default_model(args.model), args.device)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        if args.text is not None:
-            texts, fmt = [args.text], "text"
-        else:
-            path = Path(args.input)
-            fmt = args.format if args.format != "auto" else _sniff_format(path)
-            texts = []
-            if fmt == "text":
-                texts = [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
-            elif fmt == "jsonl":
-                from ml.data.jsonl import parse_record
+    # read and check the whole input before creating the output file
+    fmt = "text" if args.text is not None else (args.format if args.format != "auto" else _sniff_format(Path(args.input)))
+    if fmt == "conll":
+        from ml.data import Sentence
+        from ml.data.conll import read_conll, write_conll
+        from ml.labels import Span
 
-                for number, line in enumerate(open(path, encoding="utf-8"), 1):
-                    if line.strip():
-                        try:
-                            texts.append(parse_record(json.loads(line))[0])
-                        except ValueError as e:
-                            return _fail(f"{path}:{number}: {e}")
+        sentences = read_conll(args.input)
+        results = predictor.predict([s.tokens for s in sentences])
+        tagged = [Sentence(s.tokens, [Span(p.start, p.end, p.label) for p in r.spans], doc_id=s.doc_id) for s, r in zip(sentences, results)]
+    else:
+        texts = [args.text] if args.text is not None else _read_texts(Path(args.input), fmt)
+        lines = [
+            json.dumps({"text": text, "entities": [e.__dict__ for e in result.entities]}, ensure_ascii=False) + "\n"
+            for text, result in zip(texts, TextTagger(predictor).tag(texts))
+        ]
+    with (open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)) as out:
         if fmt == "conll":
-            from ml.data import Sentence
-            from ml.data.conll import read_conll, write_conll
-            from ml.labels import Span
-
-            sentences = read_conll(args.input)
-            results = predictor.predict([s.tokens for s in sentences])
-            write_conll(
-                [Sentence(s.tokens, [Span(p.start, p.end, p.label) for p in r.spans], doc_id=s.doc_id) for s, r in zip(sentences, results)],
-                out,
-            )
-            return 0
-        for text, result in zip(texts, TextTagger(predictor).tag(texts)):
-            record = {"text": text, "entities": [e.__dict__ for e in result.entities]}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+            write_conll(tagged, out)
+        else:
+            out.writelines(lines)
     return 0
 
 

@@ -75,7 +75,6 @@ async def follow_active(runtime, interval_s: float) -> None:
             log.error("cannot switch to %s %s at %s: %s", active.name, active.version, active.path, e)
             continue
         runtime.tagging.switch(model)
-        metrics.MODEL_SWITCHES.labels(result="ok").inc()
 
 
 def _active(sessions):

@@ -73,6 +73,7 @@ class TaggingEngine:
     def switch(self, model: ServedModel) -> ServedModel:
         old, self.model = self.model, model  # one reference assignment: atomic for the worker thread
         metrics.set_model_info(model.name, model.version)
+        metrics.MODEL_SWITCHES.labels(result="ok").inc()
         log.info("now serving %s %s (was %s %s)", model.name, model.version, old.name, old.version)
         return old
 

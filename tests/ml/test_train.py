@@ -188,6 +188,15 @@ def test_cli_train_evaluate_predict(tmp_path):
     for e in record["entities"]:
         assert record["text"][e["start"] : e["end"]] == e["text"]
     assert {e["text"] for e in record["entities"]} == {"Anna Berg", "Oslo"}
+    (tmp_path / "in.jsonl").write_text('{"text": "Olga visited Kyoto ."}\n{"text": ""}\n')
+    out = run("predict", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
+    assert out.returncode == 2 and "in.jsonl:2:" in out.stderr and not (tmp_path / "out.jsonl").exists()
+    out = run("predict", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "data" / "dev.txt"), "--output", str(tmp_path / "out.conll"))
+    assert out.returncode == 0, out.stderr
+    from ml.data.conll import read_conll
+
+    predicted, gold = read_conll(tmp_path / "out.conll"), read_conll(tmp_path / "data" / "dev.txt")
+    assert [s.tokens for s in predicted] == [s.tokens for s in gold]
     out = run("evaluate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "missing.txt"))
     assert out.returncode == 2 and "missing.txt does not exist" in out.stderr
     (tmp_path / "bad.txt").write_text("a O\nb O\nd e f\n")

@@ -61,7 +61,6 @@ async def add_model(body: RegisterModel, runtime: RuntimeDep):
     row = await run_in_threadpool(register, runtime.sessions, model, body.activate)
     if body.activate:
         runtime.tagging.switch(model)
-        metrics.MODEL_SWITCHES.labels(result="ok").inc()
     return _out(row)
 
 
@@ -83,5 +82,4 @@ async def activate(model_id: int, runtime: RuntimeDep):
 
     row = await run_in_threadpool(mark)
     runtime.tagging.switch(model)
-    metrics.MODEL_SWITCHES.labels(result="ok").inc()
     return _out(row)
