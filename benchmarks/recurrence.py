@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ml.modules.rnn import build_encoder  # noqa: E402
+from ml.modules.rnn import build_encoder
 
 I, H, T = 150, 256, 32
 

@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -43,10 +43,10 @@ class ModelMeta:
     version: str
     language: str
     tag_scheme: str
-    labels: List[str]  # entity types
+    labels: list[str]  # entity types
     format: int = FORMAT
     created: str = ""
-    lineage: Dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -58,11 +58,11 @@ def check_version(version: str) -> str:
     return version
 
 
-def entity_types(vocab: Vocabularies) -> List[str]:
+def entity_types(vocab: Vocabularies) -> list[str]:
     return sorted({split_tag(t)[1] for t in vocab.tags.itos if t != "O"})
 
 
-def build_model(config: Config, vocab: Vocabularies, with_lm: bool = True, generator: Optional[torch.Generator] = None) -> Tagger:
+def build_model(config: Config, vocab: Vocabularies, with_lm: bool = True, generator: torch.Generator | None = None) -> Tagger:
     """The one place a Tagger is assembled from a config and vocabularies."""
     transitions = allowed_transitions(vocab.tags.itos, config.model.tag_scheme)
     model_config = config.model
@@ -78,13 +78,13 @@ def round_half_precision_(model: Tagger) -> None:
                 p.copy_(p.half().float())
 
 
-def save_model(folder: str | Path, model: Tagger, config: Config, vocab: Vocabularies, meta: ModelMeta, metrics: Optional[dict] = None) -> Path:
+def save_model(folder: str | Path, model: Tagger, config: Config, vocab: Vocabularies, meta: ModelMeta, metrics: dict | None = None) -> Path:
     """Write the folder atomically (a temporary sibling renamed into place)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     check_version(meta.version)
-    meta.created = meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta.created = meta.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -119,7 +119,7 @@ class LoadedModel:
     path: Path
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: Optional[str] = None) -> LoadedModel:
+def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: str | None = None) -> LoadedModel:
     """Load a model folder for inference (eval mode). ``backend`` overrides the recurrence backend."""
     from safetensors.torch import load_file
 

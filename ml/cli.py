@@ -7,12 +7,11 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
 
 DEFAULT_MODEL_HELP = "model folder (default: $NER_MODEL, else the bundled models/en-conll03)"
 
 
-def _default_model(path: Optional[str]) -> Path:
+def _default_model(path: str | None) -> Path:
     import os
 
     from ml.artifact import default_model_path
@@ -42,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("give --data FOLDER (with train.txt and dev.txt) or both --train and --dev")
     train_data = read_corpus(train_path, language=config.language)
     dev_data = read_corpus(dev_path, language=config.language)
-    lineage: Dict = {"train": str(train_path), "dev": str(dev_path), "config": str(args.config) if args.config else None}
+    lineage: dict = {"train": str(train_path), "dev": str(dev_path), "config": str(args.config) if args.config else None}
     feedback = []
     for path in args.feedback or []:
         feedback.extend(read_corpus(path, fmt="jsonl", language=config.language))
@@ -109,7 +108,7 @@ def _sniff_format(path: Path) -> str:
     return "text"
 
 
-def _read_texts(path: Path, fmt: str) -> List[str]:
+def _read_texts(path: Path, fmt: str) -> list[str]:
     """The documents of a plain-text file (one per non-empty line) or a JSONL file (its texts)."""
     from ml.data import DataFormatError
     from ml.data.jsonl import parse_record
@@ -211,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None, expected: tuple = ()) -> int:
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, expected: tuple = ()) -> int:
     """Parse and dispatch; errors the user can fix print one line and exit 2, not a traceback."""
     from ml.artifact import ModelLoadError
     from ml.config import ConfigError
@@ -224,5 +223,5 @@ def run(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None, expec
         return _fail(str(e))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)

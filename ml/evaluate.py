@@ -3,8 +3,8 @@ an entity is right only if its type and both boundaries match."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Sequence, Set, Tuple
 
 from ml.labels import Span
 
@@ -17,7 +17,7 @@ class Scores:
     true_positives: int
     predicted: int
     gold: int
-    per_type: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    per_type: dict[str, dict[str, float]] = field(default_factory=dict)
     tokens: int = 0
     sentences: int = 0
     token_accuracy: float = 0.0
@@ -37,7 +37,7 @@ class Scores:
         }
 
 
-def _prf(tp: int, pred: int, gold: int) -> Tuple[float, float, float]:
+def _prf(tp: int, pred: int, gold: int) -> tuple[float, float, float]:
     p = tp / pred if pred else 0.0
     r = tp / gold if gold else 0.0
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
@@ -51,8 +51,8 @@ def entity_scores(gold: Iterable[Sequence[Span]], predicted: Iterable[Sequence[S
     sentences = 0
     for g, p in zip(gold, predicted, strict=True):
         sentences += 1
-        gs: Set[Span] = set(g)
-        ps: Set[Span] = set(p)
+        gs: set[Span] = set(g)
+        ps: set[Span] = set(p)
         for s in gs:
             n_gold[s.label] += 1
         for s in ps:

@@ -5,7 +5,8 @@ token indices with ``end`` exclusive, as spaCy's ``Span`` does.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 SCHEMES = ("iob1", "iob2", "bioes")
 OUTSIDE = "O"
@@ -26,7 +27,7 @@ class TagError(ValueError):
         self.reason = reason
 
 
-def split_tag(tag: str, position: int = 0) -> Tuple[str, str]:
+def split_tag(tag: str, position: int = 0) -> tuple[str, str]:
     """``"B-PER" -> ("B", "PER")``, ``"O" -> ("O", "")``; anything else is a TagError."""
     if tag == OUTSIDE:
         return OUTSIDE, ""
@@ -43,7 +44,7 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
-def tags_to_spans(tags: Sequence[str], scheme: str) -> List[Span]:
+def tags_to_spans(tags: Sequence[str], scheme: str) -> list[Span]:
     """Decode a tag sequence, raising TagError where it breaks the scheme.
 
     IOB1: ``I-X`` may start an entity; ``B-X`` only separates two adjacent entities of one type.
@@ -51,8 +52,8 @@ def tags_to_spans(tags: Sequence[str], scheme: str) -> List[Span]:
     BIOES: ``S-X`` is a single-token entity, ``B-X I-X* E-X`` a longer one.
     """
     scheme = check_scheme(scheme)
-    spans: List[Span] = []
-    start: Optional[int] = None
+    spans: list[Span] = []
+    start: int | None = None
     label = ""
     for i, tag in enumerate(tags):
         prefix, typ = split_tag(tag, i)
@@ -90,11 +91,11 @@ def tags_to_spans(tags: Sequence[str], scheme: str) -> List[Span]:
     return spans
 
 
-def spans_to_tags(spans: Iterable[Span], length: int, scheme: str) -> List[str]:
+def spans_to_tags(spans: Iterable[Span], length: int, scheme: str) -> list[str]:
     """Encode non-overlapping spans as ``length`` tags of ``scheme``."""
     scheme = check_scheme(scheme)
     tags = [OUTSIDE] * length
-    previous: Optional[Span] = None
+    previous: Span | None = None
     for span in sorted(spans):
         if not 0 <= span.start < span.end <= length:
             raise ValueError(f"span {tuple(span)} lies outside a sequence of {length} tokens")
@@ -116,7 +117,7 @@ def spans_to_tags(spans: Iterable[Span], length: int, scheme: str) -> List[str]:
     return tags
 
 
-def convert_tags(tags: Sequence[str], source: str, target: str) -> List[str]:
+def convert_tags(tags: Sequence[str], source: str, target: str) -> list[str]:
     return spans_to_tags(tags_to_spans(tags, source), len(tags), target)
 
 
@@ -139,14 +140,14 @@ def detect_scheme(sequences: Iterable[Sequence[str]]) -> str:
     return "iob1" if iob1 else "iob2"
 
 
-def tag_set(entity_types: Iterable[str], scheme: str) -> List[str]:
+def tag_set(entity_types: Iterable[str], scheme: str) -> list[str]:
     """All tags of a scheme for the given entity types: ``O`` first, then per type in sorted order."""
     scheme = check_scheme(scheme)
     prefixes = ("B", "I", "E", "S") if scheme == "bioes" else ("B", "I")
     return [OUTSIDE] + [f"{p}-{t}" for t in sorted(set(entity_types)) for p in prefixes]
 
 
-def allowed_transitions(tags: Sequence[str], scheme: str) -> Tuple[List[Tuple[int, int]], List[int], List[int]]:
+def allowed_transitions(tags: Sequence[str], scheme: str) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Which tag indices may follow which, and which may start or end a sequence.
 
     Returns ``(pairs, starts, ends)``; ``pairs`` holds ``(from_index, to_index)``, the index order
@@ -155,7 +156,7 @@ def allowed_transitions(tags: Sequence[str], scheme: str) -> Tuple[List[Tuple[in
     scheme = check_scheme(scheme)
     parsed = [split_tag(t, i) for i, t in enumerate(tags)]
 
-    def may_follow(a: Tuple[str, str], b: Tuple[str, str]) -> bool:
+    def may_follow(a: tuple[str, str], b: tuple[str, str]) -> bool:
         (pa, ta), (pb, tb) = a, b
         if scheme == "bioes":
             inside = pa in ("B", "I")
@@ -176,12 +177,12 @@ def allowed_transitions(tags: Sequence[str], scheme: str) -> Tuple[List[Tuple[in
     return pairs, starts, ends
 
 
-def lenient_spans(tags: Sequence[str]) -> List[Span]:
+def lenient_spans(tags: Sequence[str]) -> list[Span]:
     """Decode any B/I/E/S/O sequence the way conlleval does, never raising: a chunk starts at B-/S-,
     at I-/E- after O, E-, S- or another type, and ends before the next start or after E-/S-.
     Used for predictions, which a softmax head does not keep inside the scheme."""
-    spans: List[Span] = []
-    start: Optional[int] = None
+    spans: list[Span] = []
+    start: int | None = None
     prev_prefix, prev_type = OUTSIDE, ""
     for i, tag in enumerate(list(tags) + [OUTSIDE]):
         prefix, typ = split_tag(tag, i)

@@ -88,7 +88,7 @@ class Tagger(nn.Module):
         self.num_tags = num_tags
 
     @classmethod
-    def from_config(cls, config: ModelConfig, num_words: int, num_chars: int, num_tags: int, transitions=None, generator: Optional[torch.Generator] = None) -> "Tagger":
+    def from_config(cls, config: ModelConfig, num_words: int, num_chars: int, num_tags: int, transitions=None, generator: Optional[torch.Generator] = None) -> Tagger:
         config.validate()
         words = nn.Embedding(num_words, config.word_dim, padding_idx=PAD_ID)
         nn.init.uniform_(words.weight, -0.1, 0.1)

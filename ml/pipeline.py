@@ -4,8 +4,8 @@ Used by ``ner predict`` and by the service, so both present the same offsets. Of
 string indices into the text as given, so ``text[start:end] == entity.text`` always holds."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 from ml.data.tokenizer import Tokenizer, get_tokenizer
 from ml.labels import Span, spans_to_tags
@@ -32,26 +32,26 @@ class TokenTag:
 
 @dataclass
 class TextResult:
-    entities: List[Entity]
-    tokens: List[TokenTag]
+    entities: list[Entity]
+    tokens: list[TokenTag]
     sentences: int
 
 
 class TextTagger:
-    def __init__(self, predictor: Predictor, tokenizer: Optional[Tokenizer] = None):
+    def __init__(self, predictor: Predictor, tokenizer: Tokenizer | None = None):
         self.predictor = predictor
         language = predictor.loaded.meta.language if predictor.loaded is not None else "en"
         self.tokenizer = tokenizer or get_tokenizer(language)
 
-    def tag(self, texts: Sequence[str], batch_size: int = 64) -> List[TextResult]:
+    def tag(self, texts: Sequence[str], batch_size: int = 64) -> list[TextResult]:
         per_text = self.tokenizer.pipe_sentences(texts)
         flat = [sent for sents in per_text for sent in sents]
         predictions = self.predictor.predict([[t.text for t in s] for s in flat], batch_size) if flat else []
-        results: List[TextResult] = []
+        results: list[TextResult] = []
         k = 0
         for text, sents in zip(texts, per_text):
-            entities: List[Entity] = []
-            tokens: List[TokenTag] = []
+            entities: list[Entity] = []
+            tokens: list[TokenTag] = []
             for sent in sents:
                 pred = predictions[k]
                 k += 1

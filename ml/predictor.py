@@ -44,7 +44,7 @@ class Predictor:
         self.labels = entity_types(vocab)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True) -> "Predictor":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True) -> Predictor:
         """Load a model folder for inference. With ``script`` (and the scripted recurrence) the whole
         Tagger is compiled with TorchScript, so the CRF's loops run without the Python interpreter
         too (see README, Performance)."""

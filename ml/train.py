@@ -15,9 +15,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +48,9 @@ class EpochLog:
 class TrainResult:
     best_epoch: int
     dev: Scores
-    history: List[EpochLog] = field(default_factory=list)
+    history: list[EpochLog] = field(default_factory=list)
     seconds: float = 0.0
-    path: Optional[Path] = None
+    path: Path | None = None
 
 
 class Objective(nn.Module):
@@ -61,7 +61,7 @@ class Objective(nn.Module):
         self.tagger = tagger
         self.lm_weight = lm_weight
 
-    def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Optional[Tensor]) -> Tensor:
+    def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Tensor | None) -> Tensor:
         return self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight)
 
 
@@ -92,7 +92,7 @@ def data_fingerprint(sentences: Sequence[Sentence]) -> str:
     return h.hexdigest()[:16]
 
 
-def make_batches(sentences: Sequence[Sentence], batch_size: int, rng: random.Random) -> List[List[int]]:
+def make_batches(sentences: Sequence[Sentence], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffle, then sort within pools of 50 batches by length so a batch holds similar lengths
     (little padding), then shuffle the batches."""
     order = list(range(len(sentences)))
@@ -129,12 +129,12 @@ class _Distributed:
             torch.distributed.destroy_process_group()
 
 
-def build_vocab(config: Config, train: Sequence[Sentence]) -> tuple[Vocabularies, Optional[tuple]]:
+def build_vocab(config: Config, train: Sequence[Sentence]) -> tuple[Vocabularies, tuple | None]:
     types = {s.label for sent in train for s in sent.spans}
     if not types:
         raise ValueError("the training data has no entities; nothing to learn")
     vectors = None
-    extra: List[str] = []
+    extra: list[str] = []
     if config.train.pretrained:
         vectors = load_vectors(config.train.pretrained, config.train.pretrained_max_words)
         extra = pretrained_keys(vectors[0])
@@ -146,10 +146,10 @@ def train(
     config: Config,
     train_data: Sequence[Sentence],
     dev_data: Sequence[Sentence],
-    out: Optional[Path],
+    out: Path | None,
     name: str = "model",
     version: str = "0.1.0",
-    lineage: Optional[Dict] = None,
+    lineage: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> TrainResult:
@@ -198,7 +198,7 @@ def train(
         )
 
     best_f1, best_epoch, best_state, stale = -1.0, 0, None, 0
-    history: List[EpochLog] = []
+    history: list[EpochLog] = []
     for epoch in range(1, tc.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()

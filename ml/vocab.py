@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
 
 PAD = "<pad>"
 UNK = "<unk>"
@@ -25,7 +25,7 @@ def word_key(token: str) -> str:
     """The key a token is looked up by in the word vocabulary: each character lower-cased on its
     own (no context rules such as the Greek final sigma, so the TorchScript export can match it),
     digits mapped to 0."""
-    out: List[str] = []
+    out: list[str] = []
     for ch in token:
         out.append("0" if ch.isdigit() else ch.lower())
     return "".join(out)
@@ -68,8 +68,8 @@ class Vocab:
 
     def __init__(self, items: Sequence[str], specials: bool = True):
         self.specials = specials
-        self.itos: List[str] = ([PAD, UNK] if specials else []) + [s for s in items if s not in (PAD, UNK)]
-        self.stoi: Dict[str, int] = {s: i for i, s in enumerate(self.itos)}
+        self.itos: list[str] = ([PAD, UNK] if specials else []) + [s for s in items if s not in (PAD, UNK)]
+        self.stoi: dict[str, int] = {s: i for i, s in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("vocabulary items must be unique")
 
@@ -88,7 +88,7 @@ class Vocab:
             raise KeyError(f"{item!r} is not in the vocabulary ({len(self)} items)") from None
 
     @classmethod
-    def from_counts(cls, counts: Counter, min_count: int = 1, extra: Iterable[str] = ()) -> "Vocab":
+    def from_counts(cls, counts: Counter, min_count: int = 1, extra: Iterable[str] = ()) -> Vocab:
         kept = [s for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
         seen = set(kept)
         return cls(kept + [s for s in extra if s not in seen and not seen.add(s)])
@@ -97,7 +97,7 @@ class Vocab:
         return {"specials": self.specials, "items": self.itos[2:] if self.specials else self.itos}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Vocab":
+    def from_json(cls, data: dict) -> Vocab:
         return cls(data["items"], specials=data["specials"])
 
 
@@ -114,7 +114,7 @@ class Vocabularies:
         (Path(folder) / "vocab.json").write_text(json.dumps(payload, ensure_ascii=False))
 
     @classmethod
-    def load(cls, folder: Path) -> "Vocabularies":
+    def load(cls, folder: Path) -> Vocabularies:
         data = json.loads((Path(folder) / "vocab.json").read_text())
         return cls(Vocab.from_json(data["words"]), Vocab.from_json(data["chars"]), Vocab.from_json(data["tags"]))
 
@@ -124,8 +124,8 @@ class Vocabularies:
         sentences: Iterable[Sequence[str]],
         tags: Sequence[str],
         min_char_count: int = 1,
-        extra_words: Optional[Iterable[str]] = None,
-    ) -> "Vocabularies":
+        extra_words: Iterable[str] | None = None,
+    ) -> Vocabularies:
         words: Counter = Counter()
         chars: Counter = Counter()
         for tokens in sentences:

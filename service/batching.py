@@ -11,8 +11,9 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Generic, List, Optional, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,13 +39,13 @@ class _Request(Generic[T]):
 class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
-        process: Callable[[List[T]], List[R]],
+        process: Callable[[list[T]], list[R]],
         max_items: int,
         max_wait_ms: float,
         max_queue: int,
         name: str = "batcher",
-        on_batch: Optional[Callable[[int, float], None]] = None,
-        on_depth: Optional[Callable[[int], None]] = None,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
     ):
         self.process = process
         self.max_items = max_items
@@ -53,14 +54,14 @@ class MicroBatcher(Generic[T, R]):
         self.name = name
         self.on_batch = on_batch
         self.on_depth = on_depth
-        self._queue: Deque[_Request[T]] = deque()
+        self._queue: deque[_Request[T]] = deque()
         self._pending = 0  # items queued, not yet taken by the worker
         self._cond = threading.Condition()
         self._closed = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._recent_batch_s = 0.01
 
-    def start(self) -> "MicroBatcher[T, R]":
+    def start(self) -> MicroBatcher[T, R]:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self
@@ -76,7 +77,7 @@ class MicroBatcher(Generic[T, R]):
     def depth(self) -> int:
         return self._pending
 
-    async def submit(self, items: Sequence[T]) -> List[R]:
+    async def submit(self, items: Sequence[T]) -> list[R]:
         if not items:
             return []
         loop = asyncio.get_running_loop()
@@ -96,7 +97,7 @@ class MicroBatcher(Generic[T, R]):
             self.on_depth(depth)
         return await future
 
-    def _take(self) -> List[_Request[T]]:
+    def _take(self) -> list[_Request[T]]:
         """Block until something is queued, then gather whole requests up to max_items."""
         with self._cond:
             while not self._queue and not self._closed:
@@ -109,7 +110,7 @@ class MicroBatcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            taken: List[_Request[T]] = []
+            taken: list[_Request[T]] = []
             count = 0
             while self._queue and (not taken or count + len(self._queue[0].items) <= self.max_items):
                 request = self._queue.popleft()
@@ -126,13 +127,13 @@ class MicroBatcher(Generic[T, R]):
             taken = self._take()
             if not taken:
                 return
-            items: List[T] = [item for request in taken for item in request.items]
+            items: list[T] = [item for request in taken for item in request.items]
             started = time.perf_counter()
             try:
                 results = self.process(items)
                 if len(results) != len(items):
                     raise RuntimeError(f"{self.name}: process returned {len(results)} results for {len(items)} items")
-                error: Optional[BaseException] = None
+                error: BaseException | None = None
             except BaseException as e:  # handed to every waiting request
                 results, error = [], e
             elapsed = time.perf_counter() - started
@@ -149,7 +150,7 @@ class MicroBatcher(Generic[T, R]):
                 offset += n
 
 
-def _resolve(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():  # the request was cancelled (client went away)
         return
     if error is not None:

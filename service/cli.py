@@ -7,7 +7,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
 
 from ml.cli import build_parser, cmd_train, run
 
@@ -60,7 +59,7 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
 
     since = dt.datetime.fromisoformat(args.since) if args.since else None
     if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.timezone.utc)
+        since = since.replace(tzinfo=dt.UTC)
     engine = make_engine(args.annotations_from)
     try:
         check_schema(engine)
@@ -110,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from service.db.session import SchemaError
 
     return run(parser(), argv, expected=(SchemaError,))

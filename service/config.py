@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -13,7 +13,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     database_url: str = Field("sqlite:///./ner.db", description="SQLAlchemy URL; Postgres as postgresql+psycopg://user:pass@host/db")
-    ner_model: Optional[Path] = Field(None, description="model folder to serve first (default: the active version in the database, else the bundled model)")
+    ner_model: Path | None = Field(None, description="model folder to serve first (default: the active version in the database, else the bundled model)")
     auto_migrate: bool = Field(False, description="apply migrations at start-up (meant for the embedded SQLite default)")
 
     # limits
@@ -36,13 +36,13 @@ class Settings(BaseSettings):
     db_timeout_s: float = 3.0
 
     # security
-    api_keys: Annotated[List[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = no authentication")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = no authentication")
     protect_probes: bool = Field(False, description="also require an API key for /healthz, /readyz and /metrics")
-    admin_key: Optional[str] = Field(None, description="X-Admin-Key for /admin; unset = admin endpoints disabled")
+    admin_key: str | None = Field(None, description="X-Admin-Key for /admin; unset = admin endpoints disabled")
 
     # feedback
     allow_partial_spans: bool = Field(False, description="accept feedback spans that split a token (they are widened to whole tokens)")
-    extra_labels: Annotated[List[str], NoDecode] = Field(default_factory=list, description="labels accepted in feedback besides the model's")
+    extra_labels: Annotated[list[str], NoDecode] = Field(default_factory=list, description="labels accepted in feedback besides the model's")
 
     # model versions
     model_poll_s: float = Field(2.0, description="how often each worker checks the database for a newly activated model; 0 = never")
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _keys_long_enough(cls, keys: List[str]) -> List[str]:
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
         short = [k for k in keys if len(k) < 16]
         if short:
             raise ValueError(f"{len(short)} API key(s) shorter than 16 characters; use long random keys (e.g. `openssl rand -hex 24`)")
@@ -64,13 +64,13 @@ class Settings(BaseSettings):
 
     @field_validator("admin_key")
     @classmethod
-    def _admin_key_long_enough(cls, key: Optional[str]) -> Optional[str]:
+    def _admin_key_long_enough(cls, key: str | None) -> str | None:
         if key is not None and len(key) < 16:
             raise ValueError("ADMIN_KEY must be at least 16 characters")
         return key
 
     @model_validator(mode="after")
-    def _limits_positive(self) -> "Settings":
+    def _limits_positive(self) -> Settings:
         for name in ("max_body_bytes", "max_text_chars", "max_batch_texts", "batch_max_texts", "queue_max_texts", "torch_threads", "db_write_batch", "max_entities"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +14,7 @@ log = logging.getLogger("service.errors")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: Optional[Dict[str, str]] = None, details: Any = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, details: Any = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers, self.details = status, code, message, headers, details
 

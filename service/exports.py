@@ -4,14 +4,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from ml.data.conll import write_conll
 from ml.data.jsonl import text_to_sentences
 from service.db import repositories
 
 
-def export_lines(sessions, fmt: str, since: Optional[dt.datetime], language: str = "en") -> Iterator[str]:
+def export_lines(sessions, fmt: str, since: dt.datetime | None, language: str = "en") -> Iterator[str]:
     """One JSONL record, or one CoNLL document (IOB2, two columns), per accepted correction."""
     with sessions() as session:
         for a in repositories.iter_annotations(session, since=since):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-from typing import Optional
 
 import torch
 from fastapi import FastAPI
@@ -23,7 +22,7 @@ from service.tagging import TaggingEngine, prediction_writer
 log = logging.getLogger("service")
 
 
-def create_app(settings: Optional[Settings] = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     config = settings or Settings()
 
     @contextlib.asynccontextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Optional
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -54,7 +53,7 @@ def initial_model(settings, sessions) -> ServedModel:
 async def follow_active(runtime, interval_s: float) -> None:
     """Poll the models table; when another worker or replica activated a version, load and serve it.
     A version that fails to load is logged once and skipped; the current model keeps serving."""
-    failed: Optional[tuple] = None
+    failed: tuple | None = None
     while True:
         await asyncio.sleep(interval_s)
         try:

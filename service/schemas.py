@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
@@ -12,13 +11,13 @@ class Strict(BaseModel):
 
 
 class TagRequest(Strict):
-    text: Optional[StrictStr] = Field(None, description="one text; answered with one result")
-    texts: Optional[List[StrictStr]] = Field(None, description="several texts; answered with {results: [...]}")
+    text: StrictStr | None = Field(None, description="one text; answered with one result")
+    texts: list[StrictStr] | None = Field(None, description="several texts; answered with {results: [...]}")
     include_tokens: StrictBool = False
     store: StrictBool = Field(True, description="false: tag without persisting")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "TagRequest":
+    def _exactly_one(self) -> TagRequest:
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of 'text' and 'texts'")
         if self.texts is not None and not self.texts:
@@ -48,34 +47,34 @@ class TokenOut(BaseModel):
 
 
 class TagResult(BaseModel):
-    id: Optional[uuid.UUID] = Field(None, description="prediction id, for feedback; null when not stored")
+    id: uuid.UUID | None = Field(None, description="prediction id, for feedback; null when not stored")
     stored: bool
     model: ModelRef
-    entities: List[EntityOut]
-    tokens: Optional[List[TokenOut]] = None
+    entities: list[EntityOut]
+    tokens: list[TokenOut] | None = None
 
 
 class TagResults(BaseModel):
-    results: List[TagResult]
+    results: list[TagResult]
 
 
 class EntityIn(Strict):
     start: StrictInt = Field(ge=0)
     end: StrictInt = Field(ge=0)
     label: StrictStr = Field(min_length=1, max_length=50)
-    text: Optional[StrictStr] = Field(None, description="optional; must equal the text between start and end")
-    score: Optional[float] = Field(None, description="ignored; accepted so predicted entities can be sent back as they came")
+    text: StrictStr | None = Field(None, description="optional; must equal the text between start and end")
+    score: float | None = Field(None, description="ignored; accepted so predicted entities can be sent back as they came")
 
 
 class FeedbackRequest(Strict):
-    prediction_id: Optional[uuid.UUID] = None
-    text: Optional[StrictStr] = None
-    entities: List[EntityIn]
-    author: Optional[StrictStr] = Field(None, max_length=200)
+    prediction_id: uuid.UUID | None = None
+    text: StrictStr | None = None
+    entities: list[EntityIn]
+    author: StrictStr | None = Field(None, max_length=200)
     allow_partial: StrictBool = Field(False, description="widen spans that split a token to whole tokens (if the server allows it)")
 
     @model_validator(mode="after")
-    def _target(self) -> "FeedbackRequest":
+    def _target(self) -> FeedbackRequest:
         if self.prediction_id is None and self.text is None:
             raise ValueError("give 'prediction_id' (to correct a prediction) or 'text' (to annotate a new text)")
         return self
@@ -90,16 +89,16 @@ class EntitySpan(BaseModel):
 
 class FeedbackResponse(BaseModel):
     id: int
-    prediction_id: Optional[uuid.UUID]
+    prediction_id: uuid.UUID | None
     document_id: uuid.UUID
-    entities: List[EntitySpan]
+    entities: list[EntitySpan]
     replayed: bool = Field(description="true when an earlier request with the same Idempotency-Key stored it")
 
 
 class ModelInfo(BaseModel):
     name: str
     version: str
-    labels: List[str]
+    labels: list[str]
     language: str
     metrics: dict
     lineage: dict

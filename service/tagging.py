@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence
 
 from ml.pipeline import TextResult, TextTagger
 from ml.predictor import Predictor
@@ -22,14 +22,14 @@ class ServedModel:
     name: str
     version: str
     path: Path
-    labels: List[str]
+    labels: list[str]
     language: str
     metrics: dict
     lineage: dict
     tagger: TextTagger = field(repr=False, compare=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ServedModel":
+    def load(cls, path: str | Path) -> ServedModel:
         """Load and smoke-test a model folder; raises ModelLoadError (or another error) if unusable."""
         predictor = Predictor.load(path)
         loaded = predictor.loaded
@@ -63,7 +63,7 @@ class TaggingEngine:
         metrics.QUEUE_CAPACITY.set(settings.queue_max_texts)
         metrics.set_model_info(model.name, model.version)
 
-    def start(self) -> "TaggingEngine":
+    def start(self) -> TaggingEngine:
         self.batcher.start()
         return self
 
@@ -77,7 +77,7 @@ class TaggingEngine:
         log.info("now serving %s %s (was %s %s)", model.name, model.version, old.name, old.version)
         return old
 
-    def _process(self, texts: List[str]) -> List[Tagged]:
+    def _process(self, texts: list[str]) -> list[Tagged]:
         model = self.model
         started = time.perf_counter()
         results = model.tagger.tag(texts)
@@ -91,7 +91,7 @@ class TaggingEngine:
                 metrics.ENTITIES.labels(label=e.label).inc()
         return [Tagged(r, model) for r in results]
 
-    async def tag(self, texts: Sequence[str]) -> List[Tagged]:
+    async def tag(self, texts: Sequence[str]) -> list[Tagged]:
         return await self.batcher.submit(list(texts))
 
 
@@ -99,7 +99,7 @@ def min_token_score(result: TextResult) -> float:
     return min((t.score for t in result.tokens), default=1.0)
 
 
-def entity_dicts(result: TextResult) -> List[dict]:
+def entity_dicts(result: TextResult) -> list[dict]:
     return [{"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6)} for e in result.entities]
 
 
@@ -107,7 +107,7 @@ def prediction_writer(sessionmaker, settings: Settings) -> MicroBatcher:
     """Group commit: predictions of concurrent requests go to the database in one transaction."""
     from service.db import repositories
 
-    def write(records: List[repositories.PredictionRecord]) -> List[bool]:
+    def write(records: list[repositories.PredictionRecord]) -> list[bool]:
         with sessionmaker() as session:
             repositories.store_predictions(session, records=records, store_text=settings.store_text)
         metrics.PREDICTIONS_STORED.inc(len(records))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-from typing import List
 
 from ml.data import Sentence
 from ml.labels import Span
@@ -20,12 +19,12 @@ TEMPLATES = [
 ]
 
 
-def synthetic_corpus(n: int = 80, seed: int = 0) -> List[Sentence]:
+def synthetic_corpus(n: int = 80, seed: int = 0) -> list[Sentence]:
     rng = random.Random(seed)
     pools = {"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS}
     out = []
     for _ in range(n):
-        tokens: List[str] = []
+        tokens: list[str] = []
         spans = []
         for slot in rng.choice(TEMPLATES):
             if slot in pools:

@@ -18,12 +18,12 @@ class DataFormatError(ValueError):
 
 @dataclass
 class Sentence:
-    tokens: List[str]
-    spans: List[Span] = field(default_factory=list)  # token-level entities, end exclusive
+    tokens: list[str]
+    spans: list[Span] = field(default_factory=list)  # token-level entities, end exclusive
     # where the sentence came from, when it came from text: character offsets of each token
-    text: Optional[str] = None
-    offsets: Optional[List[Tuple[int, int]]] = None
-    doc_id: Optional[int] = None  # index of the document (-DOCSTART- block or JSONL line)
+    text: str | None = None
+    offsets: list[tuple[int, int]] | None = None
+    doc_id: int | None = None  # index of the document (-DOCSTART- block or JSONL line)
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -33,7 +33,7 @@ class Sentence:
                 raise ValueError(f"span {tuple(s)} lies outside {len(self.tokens)} tokens")
 
 
-def read_corpus(path: str | Path, fmt: str = "auto", scheme: str = "auto", language: str = "en") -> List[Sentence]:
+def read_corpus(path: str | Path, fmt: str = "auto", scheme: str = "auto", language: str = "en") -> list[Sentence]:
     """Read CoNLL (``.txt``, ``.conll``, ...) or JSONL (``.jsonl``) by extension unless ``fmt`` says."""
     from ml.data.conll import read_conll
     from ml.data.jsonl import read_jsonl

@@ -2,16 +2,17 @@
 ``-DOCSTART-`` lines between documents. Two columns (token, tag) or four (token, POS, chunk, tag)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, List, TextIO, Tuple
+from typing import TextIO
 
 from ml.data import DataFormatError, Sentence
 from ml.labels import TagError, check_scheme, detect_scheme, spans_to_tags, split_tag, tags_to_spans
 
 
-def _blocks(path: Path) -> Iterable[Tuple[int, List[Tuple[int, List[str]]], int]]:
+def _blocks(path: Path) -> Iterable[tuple[int, list[tuple[int, list[str]]], int]]:
     """Yield (first line number, [(line number, columns)], document index) per sentence."""
-    block: List[Tuple[int, List[str]]] = []
+    block: list[tuple[int, list[str]]] = []
     width = None
     doc = 0
     seen_tokens = False
@@ -48,7 +49,7 @@ def _blocks(path: Path) -> Iterable[Tuple[int, List[Tuple[int, List[str]]], int]
         yield block[0][0], block, doc
 
 
-def read_conll(path: str | Path, scheme: str = "auto") -> List[Sentence]:
+def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
     """Read a CoNLL file whose tags are IOB1, IOB2 or BIOES (``auto`` detects which)."""
     path = Path(path)
     blocks = list(_blocks(path))

@@ -6,8 +6,9 @@ sentence boundary that would cut an entity is not used."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, List, TextIO
+from typing import TextIO
 
 from ml.data import DataFormatError, Sentence
 from ml.data.tokenizer import AlignmentError, Token, char_spans_to_token_spans, get_tokenizer
@@ -47,10 +48,10 @@ def parse_record(record: object) -> tuple[str, list[tuple[int, int, str]]]:
 
 def text_to_sentences(
     text: str, entities: list[tuple[int, int, str]], language: str = "en", doc_id: int | None = None, allow_partial: bool = False
-) -> List[Sentence]:
+) -> list[Sentence]:
     """Tokenize, split into sentences (keeping entities whole), and align the character spans
     (widened to whole tokens with ``allow_partial``, else AlignmentError)."""
-    groups: List[List[Token]] = []
+    groups: list[list[Token]] = []
     for sent in get_tokenizer(language).sentences(text):
         # an entity that started in the previous sentence and has not ended: join the two
         if groups and any(s < groups[-1][-1].end and e > sent[0].start for s, e, _ in entities):
@@ -66,9 +67,9 @@ def text_to_sentences(
     return out
 
 
-def read_jsonl(path: str | Path, language: str = "en") -> List[Sentence]:
+def read_jsonl(path: str | Path, language: str = "en") -> list[Sentence]:
     path = Path(path)
-    sentences: List[Sentence] = []
+    sentences: list[Sentence] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():

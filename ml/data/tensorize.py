@@ -1,8 +1,8 @@
 """The one text-to-tensor path, used by training, evaluation, the predictor and the service."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -16,10 +16,10 @@ class Batch:
     chars: Tensor  # (B, T, C) char ids
     cases: Tensor  # (B, T) casing classes
     mask: Tensor  # (B, T) bool, True at real tokens
-    tags: Optional[Tensor] = None  # (B, T) gold tag ids
-    lm_targets: Optional[Tensor] = None  # (B, T) ids for the auxiliary language model
+    tags: Tensor | None = None  # (B, T) gold tag ids
+    lm_targets: Tensor | None = None  # (B, T) ids for the auxiliary language model
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in (self.words, self.chars, self.cases, self.mask, self.tags, self.lm_targets)))
 
     @property
@@ -31,7 +31,7 @@ def tensorize(
     token_lists: Sequence[Sequence[str]],
     vocab: Vocabularies,
     max_word_length: int,
-    tags: Optional[Sequence[Sequence[str]]] = None,
+    tags: Sequence[Sequence[str]] | None = None,
     lm_vocab_size: int = 0,
 ) -> Batch:
     if not token_lists:

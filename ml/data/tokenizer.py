@@ -3,7 +3,8 @@ download), with a sentencizer for long texts. Tokens keep their character offset
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from ml.labels import Span
 
@@ -25,11 +26,11 @@ class Tokenizer:
         self.nlp.add_pipe("sentencizer")
         self.language = language
 
-    def tokenize(self, text: str) -> List[Token]:
+    def tokenize(self, text: str) -> list[Token]:
         """All non-space tokens of ``text``; whitespace runs are not tokens."""
         return [Token(t.text, t.idx, t.idx + len(t.text)) for t in self.nlp.make_doc(text) if not t.is_space]
 
-    def sentences(self, text: str) -> List[List[Token]]:
+    def sentences(self, text: str) -> list[list[Token]]:
         """Tokens split into sentences by the rule-based sentencizer; offsets refer to the whole text."""
         doc = self.nlp(text)
         out = []
@@ -39,7 +40,7 @@ class Tokenizer:
                 out.append(tokens)
         return out
 
-    def pipe_sentences(self, texts: Sequence[str]) -> List[List[List[Token]]]:
+    def pipe_sentences(self, texts: Sequence[str]) -> list[list[list[Token]]]:
         out = []
         for doc in self.nlp.pipe(texts):
             sents = []
@@ -60,7 +61,7 @@ class AlignmentError(ValueError):
     pass
 
 
-def char_spans_to_token_spans(tokens: Sequence[Token], entities: Sequence[Tuple[int, int, str]], allow_partial: bool = False) -> List[Span]:
+def char_spans_to_token_spans(tokens: Sequence[Token], entities: Sequence[tuple[int, int, str]], allow_partial: bool = False) -> list[Span]:
     """Map character spans ``(start, end, label)`` to token spans.
 
     A span must start at a token's start and end at a token's end; with ``allow_partial`` it is

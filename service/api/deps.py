@@ -4,8 +4,9 @@ hop per request on the hot path."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from sqlalchemy import Engine
@@ -59,8 +60,8 @@ def _matches_any(given: str, keys: list[str]) -> bool:
 
 async def require_api_key(
     runtime: RuntimeDep,
-    x_api_key: Annotated[Optional[str], Header()] = None,
-    authorization: Annotated[Optional[str], Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     """``X-API-Key: KEY``, or ``Authorization: Bearer KEY`` (what Prometheus can send when scraping)."""
     keys = runtime.settings.api_keys
@@ -76,14 +77,14 @@ async def require_api_key(
 
 async def require_probe_key(
     runtime: RuntimeDep,
-    x_api_key: Annotated[Optional[str], Header()] = None,
-    authorization: Annotated[Optional[str], Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     if runtime.settings.protect_probes:
         await require_api_key(runtime, x_api_key, authorization)
 
 
-async def require_admin_key(runtime: RuntimeDep, x_admin_key: Annotated[Optional[str], Header()] = None) -> None:
+async def require_admin_key(runtime: RuntimeDep, x_admin_key: Annotated[str | None, Header()] = None) -> None:
     admin = runtime.settings.admin_key
     if admin is None:
         raise ApiError(403, "admin_disabled", "admin endpoints are disabled: set ADMIN_KEY to enable them")

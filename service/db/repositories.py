@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -24,7 +25,7 @@ class PredictionRecord:
     text: str
     model_name: str
     model_version: str
-    entities: List[dict]
+    entities: list[dict]
     min_score: float
     latency_ms: float
 
@@ -46,7 +47,7 @@ def store_predictions(session: Session, *, records: Sequence[PredictionRecord], 
     session.commit()
 
 
-def get_prediction(session: Session, *, prediction_id: uuid.UUID) -> Optional[Prediction]:
+def get_prediction(session: Session, *, prediction_id: uuid.UUID) -> Prediction | None:
     return session.get(Prediction, prediction_id)
 
 
@@ -60,7 +61,7 @@ class StoredAnnotation:
     replayed: bool  # True when an earlier request with the same key and body created it
 
 
-def find_by_idempotency_key(session: Session, *, key: str, request_sha256: str) -> Optional[Annotation]:
+def find_by_idempotency_key(session: Session, *, key: str, request_sha256: str) -> Annotation | None:
     found = session.scalars(select(Annotation).where(Annotation.idempotency_key == key)).first()
     if found is not None and found.request_sha256 != request_sha256:
         raise IdempotencyConflict(key)
@@ -71,12 +72,12 @@ def create_annotation(
     session: Session,
     *,
     text: str,
-    entities: List[dict],
-    author: Optional[str],
+    entities: list[dict],
+    author: str | None,
     source: str,
-    prediction: Optional[Prediction] = None,
-    idempotency_key: Optional[str] = None,
-    request_sha256: Optional[str] = None,
+    prediction: Prediction | None = None,
+    idempotency_key: str | None = None,
+    request_sha256: str | None = None,
 ) -> StoredAnnotation:
     """Store a correction; earlier accepted corrections of the same document are superseded.
     A repeated idempotency key with the same body returns the first annotation, unchanged.
@@ -116,7 +117,7 @@ def create_annotation(
     return StoredAnnotation(annotation, False)
 
 
-def iter_annotations(session: Session, *, since: Optional[dt.datetime] = None, batch: int = 500) -> Iterator[Annotation]:
+def iter_annotations(session: Session, *, since: dt.datetime | None = None, batch: int = 500) -> Iterator[Annotation]:
     """Accepted corrections with their text, oldest first, read in pages."""
     query = select(Annotation).where(Annotation.status == "accepted")
     if since is not None:
@@ -130,7 +131,7 @@ def iter_annotations(session: Session, *, since: Optional[dt.datetime] = None, b
         last_id = rows[-1].id
 
 
-def least_confident(session: Session, *, limit: int) -> List[Prediction]:
+def least_confident(session: Session, *, limit: int) -> list[Prediction]:
     """Stored predictions whose weakest token marginal is lowest, on texts nobody corrected yet."""
     corrected = select(Annotation.document_id)
     query = (
@@ -165,21 +166,21 @@ def activate_model(session: Session, *, model_id: int) -> ModelVersion:
     return row
 
 
-def active_model(session: Session) -> Optional[ModelVersion]:
+def active_model(session: Session) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).first()
 
 
-def list_models(session: Session) -> List[ModelVersion]:
+def list_models(session: Session) -> list[ModelVersion]:
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all())
 
 
-def get_model(session: Session, *, model_id: int) -> Optional[ModelVersion]:
+def get_model(session: Session, *, model_id: int) -> ModelVersion | None:
     return session.get(ModelVersion, model_id)
 
 
-def find_model(session: Session, *, name: str, version: str) -> Optional[ModelVersion]:
+def find_model(session: Session, *, name: str, version: str) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
 
 
-def annotation_entities(annotation: Annotation) -> List[dict[str, Any]]:
+def annotation_entities(annotation: Annotation) -> list[dict[str, Any]]:
     return [{"start": e["start"], "end": e["end"], "label": e["label"]} for e in annotation.entities]

@@ -22,8 +22,8 @@ import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import httpx
 import pytest
@@ -62,7 +62,7 @@ def compose() -> dict:
     return load_yaml(COMPOSE)
 
 
-def dockerfile() -> List[Tuple[str, str]]:
+def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     out, buf = [], ""
     for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
@@ -80,7 +80,7 @@ def dockerfile() -> List[Tuple[str, str]]:
     return out
 
 
-def env_example() -> Dict[str, str]:
+def env_example() -> dict[str, str]:
     """Variables documented in .env.example, set (NAME=value) or commented out (# NAME=value)."""
     found = {}
     for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
@@ -102,10 +102,10 @@ def strings_in(node) -> Iterator[str]:
         yield node
 
 
-def interpolations(data) -> Dict[str, set]:
+def interpolations(data) -> dict[str, set]:
     """Compose interpolation in the parsed file (comments are not interpolated): variable -> operators
     used with it ('' plain, ':-' default, ':?' required, ...). ``$$`` is a literal dollar."""
-    found: Dict[str, set] = {}
+    found: dict[str, set] = {}
     for s in strings_in(data):
         s = s.replace("$$", "")
         bare = re.findall(r"\$(?!\{)([A-Za-z_]\w*)", s)
@@ -127,7 +127,7 @@ def pass_through_env(data) -> set:
     return names
 
 
-def mounts(service: dict) -> List[Tuple[str, str]]:
+def mounts(service: dict) -> list[tuple[str, str]]:
     """(source, target) of the short-syntax volumes of a service."""
     out = []
     for v in service.get("volumes", []):
@@ -137,7 +137,7 @@ def mounts(service: dict) -> List[Tuple[str, str]]:
     return out
 
 
-def host_path(service: dict, container_path: str) -> Optional[Path]:
+def host_path(service: dict, container_path: str) -> Path | None:
     """The repository path that a bind mount of the service puts at container_path."""
     wanted = PurePosixPath(container_path)
     for source, target in mounts(service):
@@ -155,7 +155,7 @@ def walk_panels(panels: list) -> Iterator[dict]:
         yield from walk_panels(p.get("panels", []))
 
 
-def dashboard_exprs() -> List[Tuple[str, str]]:
+def dashboard_exprs() -> list[tuple[str, str]]:
     """(panel title/refId, PromQL with Grafana's interval variables replaced)."""
     out = []
     for panel in walk_panels(json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]):
@@ -166,11 +166,11 @@ def dashboard_exprs() -> List[Tuple[str, str]]:
     return out
 
 
-def alert_rules() -> List[dict]:
+def alert_rules() -> list[dict]:
     return [r for g in load_yaml(ALERTS)["groups"] for r in g["rules"] if "alert" in r]
 
 
-def top_level_comparisons(expr: str) -> List[Tuple[int, str]]:
+def top_level_comparisons(expr: str) -> list[tuple[int, str]]:
     """Positions of comparison operators outside (), [], {} and strings."""
     found, depth, quote, i = [], 0, None, 0
     while i < len(expr):
@@ -565,7 +565,7 @@ class Prometheus:
 
     def wait_for_rule_evaluation(self, timeout: float = 15) -> None:
         """Wait until every rule was evaluated after now (by Prometheus's clock), without error."""
-        since = dt.datetime.now(dt.timezone.utc)
+        since = dt.datetime.now(dt.UTC)
         deadline = time.monotonic() + timeout
         while True:
             rules = [r for g in self.api("rules")["groups"] for r in g["rules"]]
@@ -578,7 +578,7 @@ class Prometheus:
                 pytest.fail(f"rules not evaluated within {timeout}s: {rules}\n{self.log_tail()}")
             time.sleep(0.2)
 
-    def alerts(self) -> List[dict]:
+    def alerts(self) -> list[dict]:
         return self.api("alerts")["alerts"]
 
     def log_tail(self) -> str:

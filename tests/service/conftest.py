@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,9 +16,8 @@ PG_ADMIN_URL = os.environ.get("NER_TEST_PG_ADMIN", "postgresql+psycopg://postgre
 
 
 def pg_available() -> bool:
-    with contextlib.suppress(OSError):
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5432), timeout=1):
+        return True
     return False
 
 
@@ -96,7 +95,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -125,7 +124,7 @@ class TcpProxy:
         self.lock = threading.Lock()
         self.stopped = False
 
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         self.listener.listen(64)
         threading.Thread(target=self._accept, daemon=True).start()
         return self

@@ -87,7 +87,7 @@ def test_long_text_is_split_into_sentences_with_whole_text_offsets(api):
 
 def test_feedback_on_a_prediction_then_export_as_training_data(api):
     text = f"Olga met Tom . {uuid.uuid4().hex}"
-    since = dt.datetime.now(dt.timezone.utc).isoformat()
+    since = dt.datetime.now(dt.UTC).isoformat()
     pred = api.post("/tag", json={"text": text}).json()
     corrected = [{"start": 0, "end": 4, "label": "PER"}, {"start": 9, "end": 12, "label": "ORG"}]
     r = api.post("/feedback", json={"prediction_id": pred["id"], "entities": corrected, "author": "ann"})
@@ -112,7 +112,7 @@ def test_exports_are_accepted_by_the_trainer_readers(api, tmp_path):
     from ml.data import read_corpus
 
     text = f"Maria Lopez visited Kyoto . {uuid.uuid4().hex}"
-    since = dt.datetime.now(dt.timezone.utc).isoformat()
+    since = dt.datetime.now(dt.UTC).isoformat()
     r = api.post("/feedback", json={"text": text, "entities": [{"start": 0, "end": 11, "label": "PER"}, {"start": 20, "end": 25, "label": "LOC"}]})
     assert r.status_code == 201, r.text
     for fmt, suffix in (("jsonl", ".jsonl"), ("conll", ".conll")):
@@ -124,7 +124,7 @@ def test_exports_are_accepted_by_the_trainer_readers(api, tmp_path):
 
 def test_a_second_correction_supersedes_the_first(api):
     text = f"Tom visited Oslo . {uuid.uuid4().hex}"
-    since = dt.datetime.now(dt.timezone.utc).isoformat()
+    since = dt.datetime.now(dt.UTC).isoformat()
     pred = api.post("/tag", json={"text": text}).json()
     api.post("/feedback", json={"prediction_id": pred["id"], "entities": [{"start": 0, "end": 3, "label": "PER"}]})
     api.post("/feedback", json={"prediction_id": pred["id"], "entities": [{"start": 0, "end": 3, "label": "PER"}, {"start": 12, "end": 16, "label": "LOC"}]})

@@ -3,7 +3,8 @@ GET /annotations/queue: the stored texts the model was least sure about, for ann
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterator, Literal, Optional
+from collections.abc import Iterator
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
@@ -23,10 +24,10 @@ router = APIRouter(tags=["annotations"], dependencies=[Depends(require_api_key)]
 def annotations(
     runtime: RuntimeDep,
     format: Literal["jsonl", "conll"] = "jsonl",
-    since: Optional[dt.datetime] = Query(None, description="only corrections stored at or after this time (ISO 8601)"),
+    since: dt.datetime | None = Query(None, description="only corrections stored at or after this time (ISO 8601)"),
 ):
     if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.timezone.utc)
+        since = since.replace(tzinfo=dt.UTC)
     lines = export_lines(runtime.sessions, format, since, language=runtime.tagging.model.language)
     try:
         first = next(lines, "")  # touch the database before the 200 goes out

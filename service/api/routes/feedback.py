@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
@@ -19,7 +19,7 @@ from service.schemas import FeedbackRequest, FeedbackResponse
 router = APIRouter(tags=["feedback"], dependencies=[Depends(require_api_key)])
 
 
-def validate_entities(body: FeedbackRequest, text: str, runtime) -> List[dict]:
+def validate_entities(body: FeedbackRequest, text: str, runtime) -> list[dict]:
     """Spans inside the text, known labels, no overlaps, on token boundaries (or widened to them
     when both the server and the request allow it). Returns the spans to store, sorted."""
     settings = runtime.settings
@@ -64,7 +64,7 @@ def feedback(
     body: FeedbackRequest,
     runtime: RuntimeDep,
     session: SessionDep,
-    idempotency_key: Annotated[Optional[str], Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     settings = runtime.settings
     request_sha = hashlib.sha256(body.model_dump_json().encode()).hexdigest()

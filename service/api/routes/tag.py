@@ -5,7 +5,7 @@ import logging
 import re
 import time
 import uuid
-from typing import List, Union
+from typing import Union
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -43,7 +43,7 @@ def check_text(text: str, where: str, settings: Settings) -> None:
 @router.post("/tag", response_class=JSONResponse, responses={200: {"model": Union[TagResult, TagResults], "description": "one result for 'text', {results} for 'texts'"}})
 async def tag(body: TagRequest, runtime: RuntimeDep) -> JSONResponse:
     settings = runtime.settings
-    texts: List[str] = [body.text] if body.text is not None else list(body.texts or [])
+    texts: list[str] = [body.text] if body.text is not None else list(body.texts or [])
     if len(texts) > settings.max_batch_texts:
         raise ApiError(422, "too_many_texts", f"{len(texts)} texts in one request; the limit is {settings.max_batch_texts}")
     for i, text in enumerate(texts):
