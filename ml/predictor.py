@@ -44,11 +44,11 @@ class Predictor:
         self.labels = entity_types(vocab)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True) -> Predictor:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: Optional[str] = None) -> Predictor:
         """Load a model folder for inference. With ``script`` (and the scripted recurrence) the whole
         Tagger is compiled with TorchScript, so the CRF's loops run without the Python interpreter
-        too (see README, Performance)."""
-        loaded = load_model(path, device)
+        too (see README, Performance). ``backend`` overrides the folder's recurrence backend."""
+        loaded = load_model(path, device, backend)
         model = loaded.model
         if script and loaded.config.model.backend == "script":
             model = torch.jit.script(model)
