@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,6 +13,7 @@ from ml.artifact import LoadedModel, entity_types, load_model
 from ml.data import Sentence
 from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
+from ml.fast import FastTagger
 from ml.labels import Span, lenient_spans, spans_to_tags
 from ml.model import Tagger
 from ml.vocab import Vocabularies
@@ -35,8 +36,9 @@ class TaggedSentence:
 class Predictor:
     """Wraps a Tagger in eval mode with its vocabularies; ``load`` reads a model folder."""
 
-    def __init__(self, model: Tagger, vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None):
+    def __init__(self, model: Tagger, vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None, fast: Optional[FastTagger] = None):
         self.model = model
+        self.fast = fast  # the CPU path (ml.fast): a snapshot of the weights, so only for loaded models
         self.vocab = vocab
         self.max_word_length = max_word_length
         self.device = torch.device(device)
@@ -44,15 +46,21 @@ class Predictor:
         self.labels = entity_types(vocab)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: Optional[str] = None) -> Predictor:
-        """Load a model folder for inference. With ``script`` (and the scripted recurrence) the whole
-        Tagger is compiled with TorchScript, so the CRF's loops run without the Python interpreter
-        too (see README, Performance). ``backend`` overrides the folder's recurrence backend."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: Optional[str] = None, fast: Optional[bool] = None) -> Predictor:
+        """Load a model folder for inference. With ``fast`` (the default on a CPU) predictions run
+        through ``ml.fast.FastTagger``: the same weights, torch.nn's fused recurrence, cached token
+        features and a numpy CRF (see README, Performance). Otherwise, with ``script`` (and the
+        scripted recurrence) the whole Tagger is compiled with TorchScript, so the CRF's loops run
+        without the Python interpreter too. ``backend`` overrides the folder's recurrence backend."""
         loaded = load_model(path, device, backend)
         model = loaded.model
+        max_word_length = loaded.config.model.max_word_length
+        if fast is None:
+            fast = torch.device(device).type == "cpu"
+        engine = FastTagger(model, loaded.vocab, max_word_length) if fast else None
         if script and loaded.config.model.backend == "script":
             model = torch.jit.script(model)
-        return cls(model, loaded.vocab, loaded.config.model.max_word_length, device, loaded)
+        return cls(model, loaded.vocab, max_word_length, device, loaded, engine)
 
     @torch.inference_mode()
     def predict(self, token_lists: Sequence[Sequence[str]], batch_size: int = 64) -> List[TaggedSentence]:
@@ -69,9 +77,7 @@ class Predictor:
         itos = self.vocab.tags.itos
         for lo in range(0, len(order), batch_size):
             chunk = order[lo : lo + batch_size]
-            batch = tensorize([token_lists[i] for i in chunk], self.vocab, self.max_word_length).to(self.device)
-            tag_ids, scores = self.model(*batch.inputs)
-            tag_ids, scores = tag_ids.tolist(), scores.tolist()
+            tag_ids, scores = self._tag_batch([token_lists[i] for i in chunk])
             for row, i in enumerate(chunk):
                 n = len(token_lists[i])
                 tags = [itos[k] for k in tag_ids[row][:n]]
@@ -79,6 +85,15 @@ class Predictor:
                 spans = [ScoredSpan(s.start, s.end, s.label, sum(probs[s.start : s.end]) / (s.end - s.start)) for s in lenient_spans(tags)]
                 results[i] = TaggedSentence(tags, probs, spans)
         return results  # type: ignore[return-value]
+
+    def _tag_batch(self, token_lists: Sequence[Sequence[str]]) -> Tuple[List[List[int]], List[List[float]]]:
+        """Tag ids and chosen-tag marginals per sentence (lists, possibly padded past its end)."""
+        if self.fast is not None:
+            decoded = self.fast(token_lists)
+            return [t.tolist() for t in decoded.tags], [p.tolist() for p in decoded.scores]
+        batch = tensorize(token_lists, self.vocab, self.max_word_length).to(self.device)
+        tag_ids, scores = self.model(*batch.inputs)
+        return tag_ids.tolist(), scores.tolist()
 
 
 def evaluate(predictor: Predictor, sentences: Sequence[Sentence], batch_size: int = 256) -> Scores:

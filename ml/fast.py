@@ -1,0 +1,312 @@
+"""The CPU inference path: the same model and weights as ``Tagger.forward``, fewer operations.
+
+On a CPU the scripted model spends its time in per-operation overhead, not arithmetic: one
+sentence of 16 tokens runs about 600 TorchScript operations (a dozen per recurrence step, more per
+CRF step). This path computes the same numbers in fewer, larger steps:
+
+* token features (word embedding, character encoder, casing embedding) depend on the token string
+  alone, so they are computed once per distinct string of a batch and kept in a bounded cache;
+  tensorizing is then one dict lookup per token;
+* the recurrence is ``torch.nn``'s fused kernel (``nn.LSTM``/``GRU``/``RNN``) loaded with the same
+  weights, fed a ``PackedSequence`` built directly from the features (no padding);
+* the CRF (Viterbi, forward-backward) runs in numpy (float64) on that packed, time-major layout,
+  where step t's active sentences are a prefix of the batch, so no masking is needed.
+
+``tests/ml/test_fast.py`` checks tags and marginals against ``Tagger.forward`` (1e-5) and batched
+against one by one; ``benchmarks/equivalence.py`` does the same on a whole corpus. The scripted
+``Tagger`` stays the export and the GPU path.
+
+Shapes: N tokens of a batch, S sentences, F feature width, K tags, H hidden size.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ml.vocab import PAD_ID, UNK_ID, Vocabularies, casing, word_key
+
+
+class Decoded(NamedTuple):
+    """Per sentence, in input order: tag ids and the marginal probability of each chosen tag."""
+
+    tags: list[np.ndarray]
+    scores: list[np.ndarray]
+
+
+class FeatureCache:
+    """Token string -> its feature row (word embedding, character features, casing embedding).
+
+    Rows live in one float32 matrix; when ``capacity`` distinct strings have been seen the cache
+    starts over (frequent words come back at once), so memory stays at capacity x F x 4 bytes."""
+
+    def __init__(self, model: nn.Module, vocab: Vocabularies, max_word_length: int, capacity: int = 50_000):
+        if capacity < 1:
+            raise ValueError(f"feature cache capacity must be positive, got {capacity}")
+        self.model = model
+        self.vocab = vocab
+        self.max_word_length = max_word_length
+        self.capacity = capacity
+        self.words = model.word_embedding.weight.detach().numpy()  # (V, word_dim)
+        self.cases = model.case_embedding.weight.detach().numpy() if model.case_embedding is not None else None
+        self.chars = _CharCNNTables.of(model.char_encoder)
+        self.width = self.words.shape[1]
+        self.width += model.char_encoder.output_size if model.char_encoder is not None else 0
+        self.width += self.cases.shape[1] if self.cases is not None else 0
+        self.rows: dict[str, int] = {}
+        self.matrix = np.zeros((min(capacity, 1024), self.width), dtype=np.float32)
+
+    def clear(self) -> None:
+        self.rows = {}
+
+    def compute(self, tokens: Sequence[str]) -> np.ndarray:
+        """Features of distinct, non-empty token strings (M, F), as ``Tagger.encode`` builds them
+        before the recurrence (eval mode: dropout is the identity)."""
+        stoi_w = self.vocab.words.stoi
+        parts = [self.words[[stoi_w.get(word_key(t), UNK_ID) for t in tokens]]]
+        encoder = self.model.char_encoder
+        if encoder is not None:
+            width = min(self.max_word_length, max(len(t) for t in tokens))
+            stoi_c = self.vocab.chars.stoi
+            ids = np.full((len(tokens), width), PAD_ID, dtype=np.int64)
+            for m, tok in enumerate(tokens):
+                clipped = tok[:width]
+                ids[m, : len(clipped)] = [stoi_c.get(ch, UNK_ID) for ch in clipped]
+            if self.chars is not None:
+                parts.append(self.chars(ids))
+            else:  # another character encoder: run the module on the (1, M, C) ids
+                parts.append(encoder(torch.from_numpy(ids).unsqueeze(0))[0].detach().numpy())
+        if self.cases is not None:
+            parts.append(self.cases[[casing(t) for t in tokens]])
+        return np.concatenate(parts, 1)
+
+    def lookup(self, tokens: Sequence[str]) -> np.ndarray:
+        """Row indices (N,) into ``self.matrix`` for a flat token list; computes the misses."""
+        rows = self.rows
+        missing = list({t: None for t in tokens if t not in rows})
+        if missing:
+            if "" in rows or not all(missing):
+                raise ValueError("a token is the empty string")
+            if len(rows) + len(missing) > self.capacity:
+                rows = self.rows = {}
+                if len(missing) > self.capacity:  # a batch wider than the whole cache: no caching
+                    return self._uncached(tokens, missing)
+            start = len(rows)
+            need = start + len(missing)
+            if need > self.matrix.shape[0]:
+                grown = np.zeros((min(self.capacity, max(need, 2 * self.matrix.shape[0])), self.width), dtype=np.float32)
+                grown[:start] = self.matrix[:start]
+                self.matrix = grown
+            self.matrix[start:need] = self.compute(missing)
+            for m, tok in enumerate(missing):
+                rows[tok] = start + m
+        return np.fromiter((rows[t] for t in tokens), dtype=np.int64, count=len(tokens))
+
+    def _uncached(self, tokens: Sequence[str], distinct: list[str]) -> np.ndarray:
+        index = {t: m for m, t in enumerate(distinct)}
+        self.matrix = self.compute(distinct)
+        return np.fromiter((index[t] for t in tokens), dtype=np.int64, count=len(tokens))
+
+
+class _CharCNNTables:
+    """``CharCNN`` as table lookups: the convolution of an embedded character at kernel offset o is
+    ``emb[c] @ W[:, :, o].T``, precomputed for every character, so a word's convolution is a sum of
+    ``kernel`` gathered rows, then the same padding mask and max over positions."""
+
+    def __init__(self, embedding: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+        filters, _, kernel = weight.shape
+        self.pad = kernel // 2
+        self.kernel = kernel
+        # tables[o] (num_chars + 1, filters); the extra last row is the convolution's zero padding
+        tables = np.einsum("cd,fdo->ocf", embedding.astype(np.float64), weight.astype(np.float64)).astype(np.float32)
+        self.tables = np.concatenate([tables, np.zeros((kernel, 1, filters), dtype=np.float32)], 1)
+        self.zero = embedding.shape[0]
+        self.bias = bias
+
+    @classmethod
+    def of(cls, encoder: nn.Module | None) -> _CharCNNTables | None:
+        conv = getattr(encoder, "conv", None)
+        if conv is None or conv.kernel_size[0] % 2 == 0 or conv.padding[0] != conv.kernel_size[0] // 2:
+            return None  # not the odd-kernel, same-length CharCNN
+        return cls(encoder.embedding.weight.detach().numpy(), conv.weight.detach().numpy(), conv.bias.detach().numpy())
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """ids (M, W) char ids, PAD_ID past each word's end -> (M, filters)."""
+        m, w = ids.shape
+        padded = np.full((m, w + 2 * self.pad), self.zero, dtype=np.int64)
+        padded[:, self.pad : self.pad + w] = ids
+        out = self.tables[0][padded[:, :w]] + self.bias
+        for o in range(1, self.kernel):
+            out += self.tables[o][padded[:, o : o + w]]
+        out[ids == PAD_ID] = -1e4  # (M, W, filters)
+        return out.max(1)
+
+
+class FastTagger:
+    """Inference for a ``Tagger`` on a CPU; ``__call__`` takes token lists and returns ``Decoded``."""
+
+    def __init__(self, model: nn.Module, vocab: Vocabularies, max_word_length: int, cache_size: int = 50_000):
+        encoder = model.encoder
+        cell = encoder.cell
+        kwargs = dict(input_size=_input_size(encoder), hidden_size=encoder.hidden_size, num_layers=encoder.num_layers,
+                      bidirectional=encoder.bidirectional, batch_first=False)
+        if cell == "lstm":
+            rnn: nn.RNNBase = nn.LSTM(**kwargs)
+        elif cell == "gru":
+            rnn = nn.GRU(**kwargs)
+        else:
+            rnn = nn.RNN(nonlinearity=cell[4:], **kwargs)
+        rnn.load_state_dict(_torch_state_dict(encoder))
+        self.rnn = rnn.eval()
+        self.features = FeatureCache(model, vocab, max_word_length, cache_size)
+        self.projection_weight = model.projection.weight.detach().t().contiguous()  # (D*H, K)
+        self.projection_bias = model.projection.bias.detach()
+        head = model.head
+        if hasattr(head, "transitions"):  # the CRF (duck-typed: a scripted model has lost its classes)
+            with torch.no_grad():
+                trans = (head.transitions + head.transition_penalty).double().numpy()
+                start = (head.start + head.start_penalty).double().numpy()
+                end = (head.end + head.end_penalty).double().numpy()
+            self.crf: _NumpyCRF | None = _NumpyCRF(trans, start, end)
+        else:  # the per-step softmax
+            self.crf = None
+
+    @torch.inference_mode()
+    def __call__(self, token_lists: Sequence[Sequence[str]]) -> Decoded:
+        # sentences longest first: the packed layout keeps the active ones a prefix at every step
+        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        lengths = np.array([len(token_lists[i]) for i in order], dtype=np.int64)
+        steps = int(lengths[0])
+        batch_sizes = (lengths[None, :] > np.arange(steps)[:, None]).sum(1)  # (T,) active sentences per step
+        # packed position of (sentence s, step t) is offsets[t] + s
+        offsets = np.zeros(steps, dtype=np.int64)
+        np.cumsum(batch_sizes[:-1], out=offsets[1:])
+        flat = [tok for i in order for tok in token_lists[i]]
+        starts = np.zeros(len(order), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        sentence = np.repeat(np.arange(len(order)), lengths)
+        step = np.arange(len(flat)) - np.repeat(starts, lengths)
+        packed_index = offsets[step] + sentence  # (N,) packed position of each flat token
+        rows = np.empty(len(flat), dtype=np.int64)
+        rows[packed_index] = self.features.lookup(flat)
+        x = torch.from_numpy(self.features.matrix[rows])  # (N, F) packed, time-major
+        packed = nn.utils.rnn.PackedSequence(x, torch.from_numpy(batch_sizes))
+        out = self.rnn(packed)[0].data  # (N, D*H)
+        emissions = torch.addmm(self.projection_bias, out, self.projection_weight).double().numpy()  # (N, K)
+        sizes, bounds = batch_sizes.tolist(), offsets.tolist() + [len(flat)]
+        if self.crf is not None:
+            tags = self.crf.decode(emissions, sizes, bounds)
+            # packed (s, t) -> packed (s, length_s - 1 - t)
+            packed_sentence = np.arange(len(flat)) - np.repeat(offsets, batch_sizes)
+            packed_step = np.repeat(np.arange(steps), batch_sizes)
+            reverse = offsets[lengths[packed_sentence] - 1 - packed_step] + packed_sentence
+            marginals = self.crf.marginals(emissions, sizes, bounds, reverse)
+        else:
+            marginals = np.exp(emissions - emissions.max(1, keepdims=True))
+            marginals /= marginals.sum(1, keepdims=True)
+            tags = emissions.argmax(1)
+        probs = marginals[np.arange(len(tags)), tags]
+        tags, probs = tags[packed_index], probs[packed_index]  # flat (sentence-major) order
+        out_tags: list[np.ndarray] = [np.empty(0)] * len(order)
+        out_probs: list[np.ndarray] = [np.empty(0)] * len(order)
+        for s, i in enumerate(order):
+            a, b = starts[s], starts[s] + lengths[s]
+            out_tags[i], out_probs[i] = tags[a:b], probs[a:b]
+        return Decoded(out_tags, out_probs)
+
+
+class _NumpyCRF:
+    """Viterbi and forward-backward of ``ml.modules.crf.CRF`` on a packed batch.
+
+    Packed layout: emissions (N, K) time-major; ``sizes[t]`` sentences are active at step t, always
+    the first ones (sentences sorted longest first), and step t's rows start at ``bounds[t]``.
+    ``trans[i, j]`` scores tag i followed by tag j; ``start`` and ``end`` the first and last tag."""
+
+    def __init__(self, trans: np.ndarray, start: np.ndarray, end: np.ndarray):
+        self.start, self.end = start, end
+        self.to_from = np.ascontiguousarray(trans.T)
+        exp_trans = np.exp(trans - trans.max())  # (K_from, K_to); forbidden moves are 0
+        # forward and backward recursions as one batched matmul per step: (2, n, K) x (2, K, K)
+        self.exp_both = np.stack([exp_trans, exp_trans.T])
+        self.exp_first = np.stack([np.exp(start - start.max()), np.exp(end - end.max())])[:, None, :]  # (2, 1, K)
+        self.exp_end = self.exp_first[1, 0]
+
+    def decode(self, emissions: np.ndarray, sizes: list[int], bounds: list[int]) -> np.ndarray:
+        """Viterbi: the best allowed tag path, (N,) packed."""
+        steps, (n_tokens, k) = len(sizes), emissions.shape
+        to_from, end = self.to_from, self.end
+        pointers = np.empty((n_tokens, k), dtype=np.int64)  # best previous tag for each tag
+        last = np.empty(sizes[0], dtype=np.int64)  # each sentence's best final tag
+        best = self.start + emissions[: sizes[0]]
+        for t in range(1, steps):
+            n, prev = sizes[t], sizes[t - 1]
+            if n < prev:  # sentences whose last step was t-1
+                last[n:prev] = (best[n:prev] + end).argmax(1)
+                best = best[:n]
+            scores = best[:, None, :] + to_from  # (n, K_to, K_from): reduce the contiguous axis
+            pointers[bounds[t] : bounds[t + 1]] = scores.argmax(2)
+            best = scores.max(2) + emissions[bounds[t] : bounds[t + 1]]
+        last[: sizes[-1]] = (best + end).argmax(1)
+        tags = np.empty(n_tokens, dtype=np.int64)
+        current = last.copy()
+        for t in range(steps - 1, -1, -1):
+            n = sizes[t]
+            ending = sizes[t + 1] if t + 1 < steps else 0
+            current[ending:n] = last[ending:n]  # sentences whose last step is t
+            tags[bounds[t] : bounds[t + 1]] = current[:n]
+            if t > 0:
+                current[:n] = pointers[bounds[t] + np.arange(n), current[:n]]
+        return tags
+
+    def marginals(self, emissions: np.ndarray, sizes: list[int], bounds: list[int], reverse: np.ndarray) -> np.ndarray:
+        """p(tag | emissions) (N, K) packed, by forward-backward in probability space, each step
+        rescaled to sum 1 (float64; emissions are shifted per token, so exp stays in range).
+
+        ``reverse`` maps packed (sentence, t) to (sentence, length - 1 - t): read through it, the
+        backward recursion has the same active prefixes as the forward one, and both advance in
+        one loop. Backward state u (reversed step r, position p) = beta_p * w_p, and
+        u_r = (u_{r-1} @ exp_trans.T) * w_p; beta_p itself is that matmul's result."""
+        steps = len(sizes)
+        weights = np.exp(emissions - emissions.max(1, keepdims=True))  # (N, K)
+        both = np.stack([weights, weights[reverse]])  # (2, N, K)
+        alphas = np.empty_like(weights)
+        betas = np.empty_like(weights)  # in reversed packed order
+        state = self.exp_first * both[:, : sizes[0]]
+        state /= state.sum(2, keepdims=True)
+        alphas[: sizes[0]] = state[0]
+        betas[: sizes[0]] = self.exp_end
+        for t in range(1, steps):
+            lo, hi = bounds[t], bounds[t + 1]
+            ahead = np.matmul(state[:, : sizes[t]], self.exp_both)  # (2, n, K)
+            betas[lo:hi] = ahead[1]
+            state = ahead * both[:, lo:hi]
+            state /= state.sum(2, keepdims=True)
+            alphas[lo:hi] = state[0]
+        joint = alphas * betas[reverse]
+        return joint / joint.sum(1, keepdims=True)
+
+
+def _torch_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
+    """The encoder's weights under ``torch.nn.RNNBase`` names. An eager encoder's state dict already
+    uses them (a hook); a ``torch.jit.script``-ed one has lost the hook and keeps its own layout,
+    ``layers.{k}.weight_ih`` (D, G*H, I)."""
+    state = {k: v.detach() for k, v in encoder.state_dict().items()}
+    converted: dict[str, Tensor] = {}
+    for key, value in state.items():
+        match = re.match(r"^layers\.(\d+)\.(weight_ih|weight_hh|bias_ih|bias_hh)$", key)
+        if match is None:
+            converted[key] = value
+            continue
+        for d in range(value.size(0)):
+            converted[f"{match.group(2)}_l{match.group(1)}{'_reverse' if d else ''}"] = value[d]
+    return converted
+
+
+def _input_size(encoder: nn.Module) -> int:
+    if hasattr(encoder, "layers"):
+        return int(encoder.layers[0].input_size)
+    return int(encoder.rnn.input_size)
