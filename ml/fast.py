@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 from torch import Tensor, nn
 
 from ml.vocab import PAD_ID, UNK_ID, Vocabularies, casing, word_key
@@ -160,11 +161,16 @@ class FastTagger:
             rnn = nn.GRU(**kwargs)
         else:
             rnn = nn.RNN(nonlinearity=cell[4:], **kwargs)
-        rnn.load_state_dict(_torch_state_dict(encoder))
+        state = _torch_state_dict(encoder)
+        rnn.load_state_dict(state)
         self.rnn = rnn.eval()
+        self.single = _NumpyLSTM(state, encoder.num_layers, encoder.bidirectional, encoder.hidden_size) if cell == "lstm" else None
+        self._blas = ThreadpoolController()
         self.features = FeatureCache(model, vocab, max_word_length, cache_size)
         self.projection_weight = model.projection.weight.detach().t().contiguous()  # (D*H, K)
         self.projection_bias = model.projection.bias.detach()
+        self.projection_np = self.projection_weight.numpy()
+        self.projection_bias_np = self.projection_bias.numpy()
         head = model.head
         if hasattr(head, "transitions"):  # the CRF (duck-typed: a scripted model has lost its classes)
             with torch.no_grad():
@@ -177,6 +183,26 @@ class FastTagger:
 
     @torch.inference_mode()
     def __call__(self, token_lists: Sequence[Sequence[str]]) -> Decoded:
+        if not token_lists:
+            return Decoded([], [])
+        # numpy's matmuls here are small: OpenBLAS threads would only add hand-offs (and compete
+        # with torch's threads for the cores)
+        with self._blas.limit(limits=1, user_api="blas"):
+            if len(token_lists) == 1 and self.single is not None:
+                tags, probs = self._one(token_lists[0])
+                return Decoded([tags], [probs])
+            return self._packed(token_lists)
+
+    def _one(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One sentence: the recurrence in numpy too (at batch 1 torch's per-step overhead is most
+        of the recurrence's time). In a batch of one, packed order is token order."""
+        assert self.single is not None
+        steps = len(tokens)
+        x = self.features.matrix[self.features.lookup(tokens)]  # (T, F)
+        emissions = (self.single(x) @ self.projection_np + self.projection_bias_np).astype(np.float64)  # (T, K)
+        return self._decode(emissions, [1] * steps, list(range(steps + 1)), np.arange(steps - 1, -1, -1))
+
+    def _packed(self, token_lists: Sequence[Sequence[str]]) -> Decoded:
         # sentences longest first: the packed layout keeps the active ones a prefix at every step
         order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
         lengths = np.array([len(token_lists[i]) for i in order], dtype=np.int64)
@@ -186,30 +212,23 @@ class FastTagger:
         offsets = np.zeros(steps, dtype=np.int64)
         np.cumsum(batch_sizes[:-1], out=offsets[1:])
         flat = [tok for i in order for tok in token_lists[i]]
+        n_tokens = len(flat)
         starts = np.zeros(len(order), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
         sentence = np.repeat(np.arange(len(order)), lengths)
-        step = np.arange(len(flat)) - np.repeat(starts, lengths)
+        step = np.arange(n_tokens) - np.repeat(starts, lengths)
         packed_index = offsets[step] + sentence  # (N,) packed position of each flat token
-        rows = np.empty(len(flat), dtype=np.int64)
+        rows = np.empty(n_tokens, dtype=np.int64)
         rows[packed_index] = self.features.lookup(flat)
         x = torch.from_numpy(self.features.matrix[rows])  # (N, F) packed, time-major
         packed = nn.utils.rnn.PackedSequence(x, torch.from_numpy(batch_sizes))
         out = self.rnn(packed)[0].data  # (N, D*H)
         emissions = torch.addmm(self.projection_bias, out, self.projection_weight).double().numpy()  # (N, K)
-        sizes, bounds = batch_sizes.tolist(), offsets.tolist() + [len(flat)]
-        if self.crf is not None:
-            tags = self.crf.decode(emissions, sizes, bounds)
-            # packed (s, t) -> packed (s, length_s - 1 - t)
-            packed_sentence = np.arange(len(flat)) - np.repeat(offsets, batch_sizes)
-            packed_step = np.repeat(np.arange(steps), batch_sizes)
-            reverse = offsets[lengths[packed_sentence] - 1 - packed_step] + packed_sentence
-            marginals = self.crf.marginals(emissions, sizes, bounds, reverse)
-        else:
-            marginals = np.exp(emissions - emissions.max(1, keepdims=True))
-            marginals /= marginals.sum(1, keepdims=True)
-            tags = emissions.argmax(1)
-        probs = marginals[np.arange(len(tags)), tags]
+        # packed (s, t) -> packed (s, length_s - 1 - t)
+        packed_sentence = np.arange(n_tokens) - np.repeat(offsets, batch_sizes)
+        packed_step = np.repeat(np.arange(steps), batch_sizes)
+        reverse = offsets[lengths[packed_sentence] - 1 - packed_step] + packed_sentence
+        tags, probs = self._decode(emissions, batch_sizes.tolist(), [*offsets.tolist(), n_tokens], reverse)
         tags, probs = tags[packed_index], probs[packed_index]  # flat (sentence-major) order
         out_tags: list[np.ndarray] = [np.empty(0)] * len(order)
         out_probs: list[np.ndarray] = [np.empty(0)] * len(order)
@@ -217,6 +236,65 @@ class FastTagger:
             a, b = starts[s], starts[s] + lengths[s]
             out_tags[i], out_probs[i] = tags[a:b], probs[a:b]
         return Decoded(out_tags, out_probs)
+
+    def _decode(self, emissions: np.ndarray, sizes: list[int], bounds: list[int], reverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tag ids and chosen-tag marginals (N,), packed order."""
+        if self.crf is not None:
+            tags = self.crf.decode(emissions, sizes, bounds)
+            marginals = self.crf.marginals(emissions, sizes, bounds, reverse)
+        else:
+            marginals = np.exp(emissions - emissions.max(1, keepdims=True))
+            marginals /= marginals.sum(1, keepdims=True)
+            tags = emissions.argmax(1)
+        return tags, marginals[np.arange(len(tags)), tags]
+
+
+class _NumpyLSTM:
+    """``nn.LSTM`` (eval, batch of one sequence) in numpy, both directions advancing in one loop.
+
+    Gate rows are reordered to i, f, o, g and the i, f, o rows halved (exact in floating point), so
+    that one tanh over all gates gives the three sigmoids as 0.5 * tanh(x / 2) + 0.5."""
+
+    def __init__(self, state: dict[str, Tensor], num_layers: int, bidirectional: bool, hidden: int):
+        h = hidden
+        order = np.concatenate([np.arange(0, 2 * h), np.arange(3 * h, 4 * h), np.arange(2 * h, 3 * h)])
+        scale = np.concatenate([np.full(3 * h, 0.5), np.ones(h)]).astype(np.float32)
+        suffixes = ["", "_reverse"] if bidirectional else [""]
+        self.hidden = h
+        self.layers = []
+        for k in range(num_layers):
+            w_ih = [state[f"weight_ih_l{k}{s}"].numpy()[order] * scale[:, None] for s in suffixes]  # (4H, I)
+            w_hh = [state[f"weight_hh_l{k}{s}"].numpy()[order] * scale[:, None] for s in suffixes]  # (4H, H)
+            bias = [(state[f"bias_ih_l{k}{s}"] + state[f"bias_hh_l{k}{s}"]).numpy()[order] * scale for s in suffixes]
+            self.layers.append((
+                np.ascontiguousarray(np.concatenate(w_ih).T),  # (I, D*4H)
+                np.ascontiguousarray(np.stack(w_hh).transpose(0, 2, 1)),  # (D, H, 4H)
+                np.concatenate(bias),  # (D*4H,)
+            ))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (T, I) float32 -> states (T, D*H), torch.nn's layout (forward, then backward)."""
+        h = self.hidden
+        steps = x.shape[0]
+        for w_ih, w_hh, bias in self.layers:
+            d = w_hh.shape[0]
+            gates_x = (x @ w_ih + bias).reshape(steps, d, 4 * h)
+            if d == 2:  # the backward direction reads the sentence reversed
+                gates_x[:, 1] = gates_x[::-1, 1].copy()
+            state = np.zeros((d, 1, h), dtype=np.float32)
+            cell = np.zeros((d, h), dtype=np.float32)
+            out = np.empty((steps, d, h), dtype=np.float32)
+            for t in range(steps):
+                gates = np.tanh(np.matmul(state, w_hh)[:, 0] + gates_x[t])  # (D, 4H)
+                sig = gates[:, : 3 * h] * 0.5 + 0.5
+                cell = sig[:, h : 2 * h] * cell + sig[:, :h] * gates[:, 3 * h :]
+                new = sig[:, 2 * h :] * np.tanh(cell)
+                out[t] = new
+                state = new[:, None, :]
+            if d == 2:
+                out[:, 1] = out[::-1, 1].copy()
+            x = out.reshape(steps, d * h)
+        return x
 
 
 class _NumpyCRF:
