@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class FeatureCache:
     Rows live in one float32 matrix; when ``capacity`` distinct strings have been seen the cache
     starts over (frequent words come back at once), so memory stays at capacity x F x 4 bytes."""
 
-    def __init__(self, model: nn.Module, vocab: Vocabularies, max_word_length: int, capacity: int = 50_000):
+    def __init__(self, model: Any, vocab: Vocabularies, max_word_length: int, capacity: int = 50_000):
         if capacity < 1:
             raise ValueError(f"feature cache capacity must be positive, got {capacity}")
         self.model = model
@@ -63,6 +63,15 @@ class FeatureCache:
 
     def clear(self) -> None:
         self.rows = {}
+
+    def warm(self, count: int) -> None:
+        """Compute the features of the ``count`` most frequent training words ahead of time: word
+        keys are stored most frequent first; a key without digits is itself a token (lower case),
+        and so is its capitalised form (sentence-initial)."""
+        keys = [k for k in self.vocab.words.itos[2 : 2 + count] if not any(ch.isdigit() for ch in k)]
+        tokens = list(dict.fromkeys(keys + [k.capitalize() for k in keys]))[: self.capacity]
+        for lo in range(0, len(tokens), 2048):
+            self.lookup(tokens[lo : lo + 2048])
 
     def compute(self, tokens: Sequence[str]) -> np.ndarray:
         """Features of distinct, non-empty token strings (M, F), as ``Tagger.encode`` builds them
@@ -90,10 +99,11 @@ class FeatureCache:
         rows = self.rows
         missing = list({t: None for t in tokens if t not in rows})
         if missing:
-            if "" in rows or not all(missing):
-                raise ValueError("a token is the empty string")
+            if not all(missing):
+                raise ValueError(f"token {list(tokens).index('')} of the batch is the empty string")
             if len(rows) + len(missing) > self.capacity:
                 rows = self.rows = {}
+                missing = list(dict.fromkeys(tokens))
                 if len(missing) > self.capacity:  # a batch wider than the whole cache: no caching
                     return self._uncached(tokens, missing)
             start = len(rows)
@@ -129,7 +139,7 @@ class _CharCNNTables:
         self.bias = bias
 
     @classmethod
-    def of(cls, encoder: nn.Module | None) -> _CharCNNTables | None:
+    def of(cls, encoder: Any) -> _CharCNNTables | None:
         conv = getattr(encoder, "conv", None)
         if conv is None or conv.kernel_size[0] % 2 == 0 or conv.padding[0] != conv.kernel_size[0] // 2:
             return None  # not the odd-kernel, same-length CharCNN
@@ -150,11 +160,11 @@ class _CharCNNTables:
 class FastTagger:
     """Inference for a ``Tagger`` on a CPU; ``__call__`` takes token lists and returns ``Decoded``."""
 
-    def __init__(self, model: nn.Module, vocab: Vocabularies, max_word_length: int, cache_size: int = 50_000):
+    def __init__(self, model: Any, vocab: Vocabularies, max_word_length: int, cache_size: int = 50_000, warm_words: int = 5_000):
         encoder = model.encoder
         cell = encoder.cell
-        kwargs = dict(input_size=_input_size(encoder), hidden_size=encoder.hidden_size, num_layers=encoder.num_layers,
-                      bidirectional=encoder.bidirectional, batch_first=False)
+        kwargs = {"input_size": _input_size(encoder), "hidden_size": encoder.hidden_size, "num_layers": encoder.num_layers,
+                  "bidirectional": encoder.bidirectional, "batch_first": False}
         if cell == "lstm":
             rnn: nn.RNNBase = nn.LSTM(**kwargs)
         elif cell == "gru":
@@ -165,8 +175,9 @@ class FastTagger:
         rnn.load_state_dict(state)
         self.rnn = rnn.eval()
         self.single = _NumpyLSTM(state, encoder.num_layers, encoder.bidirectional, encoder.hidden_size) if cell == "lstm" else None
-        self._blas = ThreadpoolController()
+        self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
         self.features = FeatureCache(model, vocab, max_word_length, cache_size)
+        self.features.warm(warm_words)
         self.projection_weight = model.projection.weight.detach().t().contiguous()  # (D*H, K)
         self.projection_bias = model.projection.bias.detach()
         self.projection_np = self.projection_weight.numpy()
@@ -185,13 +196,24 @@ class FastTagger:
     def __call__(self, token_lists: Sequence[Sequence[str]]) -> Decoded:
         if not token_lists:
             return Decoded([], [])
+        for i, tokens in enumerate(token_lists):
+            if not tokens:
+                raise ValueError(f"sentence {i} has no tokens")
+            if "" in tokens:
+                raise ValueError(f"sentence {i} has an empty token at position {list(tokens).index('')}")
         # numpy's matmuls here are small: OpenBLAS threads would only add hand-offs (and compete
         # with torch's threads for the cores)
-        with self._blas.limit(limits=1, user_api="blas"):
+        previous = [lib.get_num_threads() for lib in self._blas]
+        for lib in self._blas:
+            lib.set_num_threads(1)
+        try:
             if len(token_lists) == 1 and self.single is not None:
                 tags, probs = self._one(token_lists[0])
                 return Decoded([tags], [probs])
             return self._packed(token_lists)
+        finally:
+            for lib, n in zip(self._blas, previous, strict=True):
+                lib.set_num_threads(n)
 
     def _one(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """One sentence: the recurrence in numpy too (at batch 1 torch's per-step overhead is most
@@ -281,16 +303,27 @@ class _NumpyLSTM:
             gates_x = (x @ w_ih + bias).reshape(steps, d, 4 * h)
             if d == 2:  # the backward direction reads the sentence reversed
                 gates_x[:, 1] = gates_x[::-1, 1].copy()
+            # buffers written in place: at batch one each numpy call costs more than its arithmetic
+            out = np.empty((steps, d, 1, h), dtype=np.float32)
             state = np.zeros((d, 1, h), dtype=np.float32)
             cell = np.zeros((d, h), dtype=np.float32)
-            out = np.empty((steps, d, h), dtype=np.float32)
+            gates3 = np.empty((d, 1, 4 * h), dtype=np.float32)
+            gates = gates3[:, 0]
+            sig = np.empty((d, 3 * h), dtype=np.float32)
+            scratch = np.empty((d, h), dtype=np.float32)
             for t in range(steps):
-                gates = np.tanh(np.matmul(state, w_hh)[:, 0] + gates_x[t])  # (D, 4H)
-                sig = gates[:, : 3 * h] * 0.5 + 0.5
-                cell = sig[:, h : 2 * h] * cell + sig[:, :h] * gates[:, 3 * h :]
-                new = sig[:, 2 * h :] * np.tanh(cell)
-                out[t] = new
-                state = new[:, None, :]
+                np.matmul(state, w_hh, out=gates3)  # (D, 1, H) x (D, H, 4H)
+                gates += gates_x[t]
+                np.tanh(gates, out=gates)
+                np.multiply(gates[:, : 3 * h], 0.5, out=sig)
+                sig += 0.5  # input, forget, output gates
+                cell *= sig[:, h : 2 * h]
+                np.multiply(sig[:, :h], gates[:, 3 * h :], out=scratch)
+                cell += scratch
+                np.tanh(cell, out=scratch)
+                state = out[t]
+                np.multiply(sig[:, 2 * h :], scratch, out=state[:, 0])
+            out = out[:, :, 0]
             if d == 2:
                 out[:, 1] = out[::-1, 1].copy()
             x = out.reshape(steps, d * h)
@@ -312,11 +345,13 @@ class _NumpyCRF:
         self.exp_both = np.stack([exp_trans, exp_trans.T])
         self.exp_first = np.stack([np.exp(start - start.max()), np.exp(end - end.max())])[:, None, :]  # (2, 1, K)
         self.exp_end = self.exp_first[1, 0]
+        self.ones = np.ones((len(start), 1))
 
     def decode(self, emissions: np.ndarray, sizes: list[int], bounds: list[int]) -> np.ndarray:
         """Viterbi: the best allowed tag path, (N,) packed."""
         steps, (n_tokens, k) = len(sizes), emissions.shape
         to_from, end = self.to_from, self.end
+        to_from_t = torch.from_numpy(to_from)
         pointers = np.empty((n_tokens, k), dtype=np.int64)  # best previous tag for each tag
         last = np.empty(sizes[0], dtype=np.int64)  # each sentence's best final tag
         best = self.start + emissions[: sizes[0]]
@@ -325,9 +360,14 @@ class _NumpyCRF:
             if n < prev:  # sentences whose last step was t-1
                 last[n:prev] = (best[n:prev] + end).argmax(1)
                 best = best[:n]
-            scores = best[:, None, :] + to_from  # (n, K_to, K_from): reduce the contiguous axis
-            pointers[bounds[t] : bounds[t + 1]] = scores.argmax(2)
-            best = scores.max(2) + emissions[bounds[t] : bounds[t + 1]]
+            if n < 16:
+                scores = best[:, None, :] + to_from  # (n, K_to, K_from): reduce the contiguous axis
+                pointers[bounds[t] : bounds[t + 1]] = scores.argmax(2)
+                best = scores.max(2) + emissions[bounds[t] : bounds[t + 1]]
+            else:  # numpy's max over a short axis loops per row; torch's kernel is 3x faster here
+                values, argmax = (torch.from_numpy(best).unsqueeze(1) + to_from_t).max(2)
+                pointers[bounds[t] : bounds[t + 1]] = argmax.numpy()
+                best = values.numpy() + emissions[bounds[t] : bounds[t + 1]]
         last[: sizes[-1]] = (best + end).argmax(1)
         tags = np.empty(n_tokens, dtype=np.int64)
         current = last.copy()
@@ -353,8 +393,9 @@ class _NumpyCRF:
         both = np.stack([weights, weights[reverse]])  # (2, N, K)
         alphas = np.empty_like(weights)
         betas = np.empty_like(weights)  # in reversed packed order
+        ones = self.ones  # sums over K as a matmul: numpy's reduction over a short axis loops per row
         state = self.exp_first * both[:, : sizes[0]]
-        state /= state.sum(2, keepdims=True)
+        state /= state @ ones
         alphas[: sizes[0]] = state[0]
         betas[: sizes[0]] = self.exp_end
         for t in range(1, steps):
@@ -362,13 +403,13 @@ class _NumpyCRF:
             ahead = np.matmul(state[:, : sizes[t]], self.exp_both)  # (2, n, K)
             betas[lo:hi] = ahead[1]
             state = ahead * both[:, lo:hi]
-            state /= state.sum(2, keepdims=True)
+            state /= state @ ones
             alphas[lo:hi] = state[0]
         joint = alphas * betas[reverse]
         return joint / joint.sum(1, keepdims=True)
 
 
-def _torch_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
+def _torch_state_dict(encoder: Any) -> dict[str, Tensor]:
     """The encoder's weights under ``torch.nn.RNNBase`` names. An eager encoder's state dict already
     uses them (a hook); a ``torch.jit.script``-ed one has lost the hook and keeps its own layout,
     ``layers.{k}.weight_ih`` (D, G*H, I)."""
@@ -384,7 +425,7 @@ def _torch_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
     return converted
 
 
-def _input_size(encoder: nn.Module) -> int:
+def _input_size(encoder: Any) -> int:
     if hasattr(encoder, "layers"):
         return int(encoder.layers[0].input_size)
     return int(encoder.rnn.input_size)

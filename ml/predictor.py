@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from ml.artifact import LoadedModel, entity_types, load_model
 from ml.data import Sentence
@@ -15,7 +16,6 @@ from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
 from ml.fast import FastTagger
 from ml.labels import Span, lenient_spans, spans_to_tags
-from ml.model import Tagger
 from ml.vocab import Vocabularies
 
 
@@ -36,7 +36,7 @@ class TaggedSentence:
 class Predictor:
     """Wraps a Tagger in eval mode with its vocabularies; ``load`` reads a model folder."""
 
-    def __init__(self, model: Tagger, vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None, fast: Optional[FastTagger] = None):
+    def __init__(self, model: nn.Module, vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None, fast: Optional[FastTagger] = None):
         self.model = model
         self.fast = fast  # the CPU path (ml.fast): a snapshot of the weights, so only for loaded models
         self.vocab = vocab
@@ -53,7 +53,7 @@ class Predictor:
         scripted recurrence) the whole Tagger is compiled with TorchScript, so the CRF's loops run
         without the Python interpreter too. ``backend`` overrides the folder's recurrence backend."""
         loaded = load_model(path, device, backend)
-        model = loaded.model
+        model: nn.Module = loaded.model
         max_word_length = loaded.config.model.max_word_length
         if fast is None:
             fast = torch.device(device).type == "cpu"
@@ -73,7 +73,8 @@ class Predictor:
                 raise ValueError(f"sentence {i} has no tokens")
         order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
         results: List[Optional[TaggedSentence]] = [None] * len(token_lists)
-        self.model.eval()
+        if self.fast is None and self.model.training:
+            self.model.eval()  # (a ScriptModule's eval() walks every submodule: not on every call)
         itos = self.vocab.tags.itos
         for lo in range(0, len(order), batch_size):
             chunk = order[lo : lo + batch_size]
@@ -103,6 +104,6 @@ def evaluate(predictor: Predictor, sentences: Sequence[Sentence], batch_size: in
     scores.tokens = sum(len(s.tokens) for s in sentences)
     gold_tags = [spans_to_tags(s.spans, len(s.tokens), "iob2") for s in sentences]
     pred_tags = [spans_to_tags([Span(p.start, p.end, p.label) for p in r.spans], len(r.tags), "iob2") for r in results]
-    correct = sum(g == p for gs, ps in zip(gold_tags, pred_tags) for g, p in zip(gs, ps))
+    correct = sum(g == p for gs, ps in zip(gold_tags, pred_tags, strict=True) for g, p in zip(gs, ps, strict=True))
     scores.token_accuracy = correct / scores.tokens if scores.tokens else 0.0
     return scores
