@@ -427,7 +427,7 @@ def test_dockerignore_keeps_the_model_and_leaves_out_local_state():
 def test_dashboard_covers_the_service():
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
-    panels = [p for p in walk_panels(dashboard["panels"])]
+    panels = list(walk_panels(dashboard["panels"]))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for p in panels:
