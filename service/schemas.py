@@ -46,9 +46,9 @@ class TokenOut(BaseModel):
     score: float
 
 
+# the JSON of one tagged text (a service.tagging.ServedResult); no docstring: it would become the
+# schema's description in the public OpenAPI document
 class TextResultOut(BaseModel):
-    """The JSON of one tagged text (a ``service.tagging.ServedResult``)."""
-
     id: uuid.UUID | None = Field(None, description="prediction id, for feedback; null when not stored")
     stored: bool
     model: ModelRef

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.batching import MicroBatcher
 from service.config import Settings
+from service.db.repositories import PredictionRecord
 from service.errors import ApiError, database_unavailable
 from service.tagging import TaggingEngine
 
@@ -27,7 +28,7 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     tagging: TaggingEngine
-    writer: MicroBatcher
+    writer: MicroBatcher[PredictionRecord, bool]
 
 
 async def get_runtime(request: Request) -> Runtime:
