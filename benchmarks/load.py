@@ -3,10 +3,14 @@ loopback, driven by wrk (Debian package `wrk`), with persistence on.
 
     python benchmarks/load.py                       # SQLite and PostgreSQL, concurrency 1/8/32
     python benchmarks/load.py --db sqlite --seconds 5 --concurrency 32
+    python benchmarks/load.py --compare             # beside the spaCy wrapper, 1 and 2 workers each
 
 For each database it starts `ner serve --workers N` on a fresh database (a SQLite file, or a new
 PostgreSQL database on 127.0.0.1:5432), warms it up, runs wrk per (text kind, concurrency), and
-prints a Markdown table. Nothing here is a test: numbers depend on the machine.
+prints a Markdown table. With ``--compare`` it runs one sentence per request against this service
+(SQLite, persistence on) and against ``benchmarks/spacy_service.py`` (FastAPI + spaCy NER, nothing
+stored), each with 1 and 2 worker processes, and prints both side by side with the ratio of each
+side's best. Nothing here is a test: numbers depend on the machine.
 """
 from __future__ import annotations
 
@@ -79,17 +83,82 @@ def drop_pg_database(admin_url: str, name: str) -> None:
     engine.dispose()
 
 
+def start_server(cmd: list[str], env: dict, base: str) -> subprocess.Popen:
+    server = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        wait_ready(base)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(30)
+
+
+def compare(args, tmp: Path, body: Path) -> int:
+    """This service (SQLite, storage on) beside the spaCy wrapper, best of 1 and 2 workers each."""
+    concurrency = args.concurrency if args.concurrency_given else [1, 32]
+    base = f"http://127.0.0.1:{args.port}"
+    rows = []
+    for side in ("this service", "spaCy wrapper"):
+        for workers in args.workers_list:
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            if side == "this service":
+                env["DATABASE_URL"] = f"sqlite:///{tmp / f'compare-{workers}.db'}"
+                if args.model:
+                    env["NER_MODEL"] = args.model
+                subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, cwd=ROOT, capture_output=True)
+                cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port), "--workers", str(workers), "--log-level", "warning"]
+            else:
+                cmd = [sys.executable, "-m", "uvicorn", "benchmarks.spacy_service:create_app", "--factory", "--port", str(args.port),
+                       "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+            server = start_server(cmd, env, base)
+            try:
+                run_wrk(base, str(body), 8, 2)  # warm-up
+                for c in concurrency:
+                    r = run_wrk(base, str(body), c, args.seconds)
+                    rows.append({"side": side, "workers": workers, "concurrency": c, **r})
+                    print(f"{side:14s} workers={workers} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}", file=sys.stderr)
+            finally:
+                stop_server(server)
+
+    print(f"\nPOST /tag, one sentence ({len(SENTENCE.split())} words), wrk -t1, {args.seconds} s per row; this service on SQLite with "
+          "persistence on, the spaCy wrapper stores nothing\n")
+    print("| service | workers | concurrency | requests/s | p50 ms | p95 ms | p99 ms | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['side']} | {r['workers']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} |")
+    print("\n| concurrency | this service, best | spaCy wrapper, best | ratio (requests/s) |")
+    print("|---|---|---|---|")
+    for c in concurrency:
+        best = {side: max((r for r in rows if r["side"] == side and r["concurrency"] == c), key=lambda r: r["rps"]) for side in ("this service", "spaCy wrapper")}
+        ours, peer = best["this service"], best["spaCy wrapper"]
+        print(f"| {c} | {ours['rps']:.0f}/s, p50 {ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms ({ours['workers']} workers) "
+              f"| {peer['rps']:.0f}/s, p50 {peer['p50_ms']:.1f} ms, p99 {peer['p99_ms']:.1f} ms ({peer['workers']} workers) | {ours['rps'] / peer['rps']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32 (with --compare: 1 32)")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--model", help="model folder (default: the bundled one)")
     p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--compare", action="store_true", help="this service (SQLite) beside benchmarks/spacy_service.py, one sentence")
+    p.add_argument("--workers-list", type=int, nargs="+", default=[1, 2], help="with --compare: worker counts tried on each side")
     args = p.parse_args()
+    args.concurrency_given = args.concurrency is not None
+    if args.concurrency is None:
+        args.concurrency = [1, 8, 32]
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
@@ -98,6 +167,11 @@ def main() -> int:
     bodies = {"sentence": tmp / "sentence.json", "2000 chars": tmp / "paragraph.json"}
     bodies["sentence"].write_text(json.dumps({"text": SENTENCE}))
     bodies["2000 chars"].write_text(json.dumps({"text": paragraph()}))
+    if args.compare:
+        try:
+            return compare(args, tmp, bodies["sentence"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for db in (["sqlite", "postgres"] if args.db == "both" else [args.db]):
         pg_name = None

@@ -140,12 +140,3 @@ def test_the_scripted_model_converts_to_torch_nn_names(small_model_dir):
     assert sorted(eager) == sorted(scripted)
     for key, value in eager.items():
         assert torch.equal(value, scripted[key]), key
-
-
-def test_blas_thread_count_is_restored(small_model_dir):
-    model, _, vocab = random_model(small_model_dir)
-    fast = FastTagger(model, vocab, 30)
-    before = [lib.get_num_threads() for lib in fast._blas]
-    fast(SENTENCES)
-    fast(SENTENCES[:1])
-    assert [lib.get_num_threads() for lib in fast._blas] == before
