@@ -45,8 +45,13 @@ class MicroBatcher(Generic[T, R]):
         max_queue: int,
         name: str = "batcher",
         on_depth: Callable[[int], None] | None = None,
+        inline: Callable[[Sequence[T]], bool] | None = None,
     ):
         self.process = process
+        # a submission that ``inline`` accepts runs in the caller's thread when the batcher is idle
+        # (nothing queued, processing or awaited): no hand-off to the worker and back, which is
+        # most of the overhead at concurrency 1; under load everything goes through the worker
+        self.inline = inline
         self.max_items = max_items
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -54,6 +59,9 @@ class MicroBatcher(Generic[T, R]):
         self.on_depth = on_depth
         self._queue: deque[_Request[T]] = deque()
         self._pending = 0  # items queued, not yet taken by the worker
+        self._busy = False  # process() is running (in the worker or inline)
+        self._awaited = 0  # submissions waiting for the worker's results
+        self._deciding = 0  # submissions in their turn of the event loop before choosing inline
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -76,25 +84,60 @@ class MicroBatcher(Generic[T, R]):
             return []
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        inline = self.inline is not None and self.inline(items)
+        if inline:
+            # one turn of the event loop first: requests read in the same turn as this one reach
+            # this point too, and then none of them runs inline (they are batched instead)
+            self._deciding += 1
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._deciding -= 1
+                inline = self._deciding == 0
         with self._cond:
             if self._closed:
                 raise BatcherClosed(self.name)
-            if self._pending + len(items) > self.max_queue:
-                # a rough wait: the batches ahead of this one at the recent batch time
-                ahead = max(1.0, self._pending / self.max_items)
-                raise QueueFull(max(1.0, ahead * self._recent_batch_s))
-            self._queue.append(_Request(items, future, loop))
-            self._pending += len(items)
-            depth = self._pending
-            self._cond.notify()
+            if inline and not self._queue and not self._busy and not self._awaited:
+                self._busy = True
+            else:
+                inline = False
+                if self._pending + len(items) > self.max_queue:
+                    # a rough wait: the batches ahead of this one at the recent batch time
+                    ahead = max(1.0, self._pending / self.max_items)
+                    raise QueueFull(max(1.0, ahead * self._recent_batch_s))
+                self._queue.append(_Request(items, future, loop))
+                self._pending += len(items)
+                self._awaited += 1
+                depth = self._pending
+                self._cond.notify()
+        if inline:
+            return self._process_inline(list(items))
         if self.on_depth:
             self.on_depth(depth)
-        return await future
+        try:
+            return await future
+        finally:
+            with self._cond:
+                self._awaited -= 1
+
+    def _process_inline(self, items: list[T]) -> list[R]:
+        started = time.perf_counter()
+        try:
+            results = self.process(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: process returned {len(results)} results for {len(items)} items")
+            return results
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._cond:
+                self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+                self._busy = False
+                self._cond.notify()
 
     def _take(self) -> list[_Request[T]]:
         """Block until something is queued, then gather whole requests up to max_items."""
         with self._cond:
-            while not self._queue and not self._closed:
+            while (not self._queue and not self._closed) or self._busy:
                 self._cond.wait()
             if not self._queue:
                 return []
@@ -111,6 +154,7 @@ class MicroBatcher(Generic[T, R]):
                 taken.append(request)
                 count += len(request.items)
             self._pending -= count
+            self._busy = True
             depth = self._pending
         if self.on_depth:
             self.on_depth(depth)
@@ -131,7 +175,10 @@ class MicroBatcher(Generic[T, R]):
             except BaseException as e:  # noqa: BLE001 -- not swallowed: _resolve raises it in every waiting request
                 results, error = [], e
             elapsed = time.perf_counter() - started
-            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+            with self._cond:
+                self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+                self._busy = False
+                self._cond.notify()
             offset = 0
             for request in taken:
                 n = len(request.items)

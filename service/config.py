@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = 0.0
     queue_max_texts: int = 2048  # beyond this, /tag answers 503 with Retry-After
     torch_threads: int = 1  # per worker process
+    # a request whose texts total at most this many characters is tagged in the request's own thread
+    # when the model is idle (no hand-off to the inference thread and back; its rows are then
+    # committed the same way when the writer is idle); 0 = never
+    inline_max_chars: int = 4000
 
     # persistence
     store_text: bool = Field(True, description="False: keep only a SHA-256 of each text (feedback must then resend the text)")

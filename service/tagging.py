@@ -71,6 +71,7 @@ class TaggingEngine:
         self.batcher: MicroBatcher[str, ServedResult] = MicroBatcher(
             self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
             name="inference", on_depth=metrics.QUEUE_DEPTH.set,
+            inline=lambda texts: sum(len(t) for t in texts) <= settings.inline_max_chars,
         )
         metrics.QUEUE_CAPACITY.set(settings.queue_max_texts)
         metrics.set_model_info(model.name, model.version)

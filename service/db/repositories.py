@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,9 +42,17 @@ def store_predictions(session: Session, *, records: Sequence[PredictionRecord], 
             "id": r.id, "document_id": doc_id, "model_name": r.model_name, "model_version": r.model_version, "entities": r.entities,
             "min_score": r.min_score, "latency_ms": r.latency_ms, "created_at": now,
         })
-    session.execute(insert(Document), documents)
-    session.execute(insert(Prediction), predictions)
+    # Core INSERTs on the tables: the ORM's bulk path costs twice the CPU for the same rows
+    # (0.65 vs 0.31 ms per one-prediction transaction on SQLite, README "Performance")
+    session.execute(insert(_table(Document)), documents)
+    session.execute(insert(_table(Prediction)), predictions)
     session.commit()
+
+
+def _table(model: type) -> Table:
+    table = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(table, Table)
+    return table
 
 
 def get_prediction(session: Session, *, prediction_id: uuid.UUID) -> Prediction | None:
