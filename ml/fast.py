@@ -239,8 +239,8 @@ class FastTagger:
         rows[packed_index] = self.features.lookup(flat)
         x = torch.from_numpy(self.features.matrix[rows])  # (N, F) packed, time-major
         packed = nn.utils.rnn.PackedSequence(x, torch.from_numpy(batch_sizes))
-        out = self.rnn(packed)[0].data  # (N, D*H)
-        emissions = torch.addmm(self.projection_bias, out, self.projection_weight).double().numpy()  # (N, K)
+        out = self.rnn(packed)[0].data.numpy()  # (N, D*H)
+        emissions = (out @ self.projection_np + self.projection_bias_np).astype(np.float64)  # (N, K)
         # packed (s, t) -> packed (s, length_s - 1 - t)
         packed_sentence = np.arange(n_tokens) - np.repeat(offsets, batch_sizes)
         packed_step = np.repeat(np.arange(steps), batch_sizes)
@@ -347,6 +347,7 @@ class _NumpyCRF:
         steps, (n_tokens, k) = len(sizes), emissions.shape
         to_from, end = self.to_from, self.end
         to_from_t = torch.from_numpy(to_from)
+        chunk = max(1, 30_000 // (k * k))
         pointers = np.empty((n_tokens, k), dtype=np.int64)  # best previous tag for each tag
         last = np.empty(sizes[0], dtype=np.int64)  # each sentence's best final tag
         best = self.start + emissions[: sizes[0]]
@@ -360,9 +361,11 @@ class _NumpyCRF:
                 pointers[bounds[t] : bounds[t + 1]] = scores.argmax(2)
                 best = scores.max(2) + emissions[bounds[t] : bounds[t + 1]]
             else:  # numpy's max over a short axis loops per row; torch's kernel is 3x faster here
-                values, argmax = (torch.from_numpy(best).unsqueeze(1) + to_from_t).max(2)
-                pointers[bounds[t] : bounds[t + 1]] = argmax.numpy()
-                best = values.numpy() + emissions[bounds[t] : bounds[t + 1]]
+                values = np.empty((n, k))
+                for lo in range(0, n, chunk):  # chunks under torch's grain size: no thread pool
+                    scores_t = torch.from_numpy(best[lo : lo + chunk]).unsqueeze(1) + to_from_t
+                    torch.max(scores_t, 2, out=(torch.from_numpy(values[lo : lo + chunk]), torch.from_numpy(pointers[bounds[t] + lo : bounds[t] + min(n, lo + chunk)])))
+                best = values + emissions[bounds[t] : bounds[t + 1]]
         last[: sizes[-1]] = (best + end).argmax(1)
         tags = np.empty(n_tokens, dtype=np.int64)
         current = last.copy()
