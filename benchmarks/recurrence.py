@@ -51,7 +51,7 @@ def main() -> int:
     rows = []
     for cell in ("lstm", "gru"):
         ours = build_encoder("script", cell, I, H, 1, True).to(device)
-        ref = build_encoder("cudnn", cell, I, H, 1, True).to(device)
+        ref = build_encoder("native", cell, I, H, 1, True).to(device)
         ref.load_state_dict(ours.state_dict())
         for b in batches:
             x = torch.randn(b, T, I, device=device)

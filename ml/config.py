@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.labels import SCHEMES
-from ml.modules.rnn import BACKENDS, CELLS
+from ml.modules.rnn import BACKEND_ALIASES, BACKENDS, CELLS
 
 CHAR_ENCODERS = ("cnn", "lstm", "none")
 HEADS = ("crf", "softmax")
@@ -34,7 +34,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 @dataclass
 class ModelConfig:
     cell: str = "lstm"  # rnn_tanh | rnn_relu | gru | lstm
-    backend: str = "script"  # script (TorchScript loop) | cudnn (torch.nn over packed sequences)
+    backend: str = "script"  # script (TorchScript loop) | native (torch.nn over packed sequences; "cudnn" is its old name)
     hidden_size: int = 200  # per direction
     num_layers: int = 1
     bidirectional: bool = True
@@ -54,6 +54,8 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         _choice("model.cell", self.cell, CELLS)
+        # configs and model folders written before the rename say "cudnn"; they mean "native"
+        self.backend = BACKEND_ALIASES.get(self.backend, self.backend)
         _choice("model.backend", self.backend, BACKENDS)
         _choice("model.char_encoder", self.char_encoder, CHAR_ENCODERS)
         _choice("model.head", self.head, HEADS)

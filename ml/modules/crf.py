@@ -7,7 +7,7 @@ The CRF knows nothing of tag strings: the scheme's constraints come in as index 
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,11 @@ class CRF(nn.Module):
     the first and last tag of a sequence. Forbidden moves carry a fixed ``FORBIDDEN`` penalty."""
 
     __constants__ = ["tiny"]
+    if TYPE_CHECKING:  # buffers registered in __init__, declared for mypy only (TorchScript cannot
+        # resolve a class-level annotation written as a string under `from __future__ import annotations`)
+        transition_penalty: Tensor
+        start_penalty: Tensor
+        end_penalty: Tensor
 
     def __init__(
         self,
