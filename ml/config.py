@@ -14,7 +14,7 @@ from ml.modules.rnn import BACKEND_ALIASES, BACKENDS, CELLS
 
 CHAR_ENCODERS = ("cnn", "lstm", "none")
 HEADS = ("crf", "softmax")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "nadam")
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32  # sentences
     eval_batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (with momentum) | adam
+    optimizer: str = "sgd"  # sgd (with momentum) | adam | nadam (Adam with Nesterov momentum)
     lr: float = 0.015
     momentum: float = 0.9
     weight_decay: float = 0.0

@@ -16,7 +16,6 @@ from ml.modules.crf import CRF, SoftmaxHead
 from ml.modules.rnn import build_encoder
 from ml.vocab import NUM_CASES, PAD_ID
 
-
 # The parts a Tagger is assembled from, by what they do (any nn.Module with these members fits;
 # ml.modules.rnn's encoders, CharCNN / CharRNN, and ml.modules.crf's CRF / SoftmaxHead do).
 

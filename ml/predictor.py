@@ -10,7 +10,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from ml.artifact import LoadedModel, entity_types, load_model
-from ml.data import Sentence
+from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
 from ml.labels import Span, lenient_spans, spans_to_tags
@@ -81,7 +81,7 @@ class Predictor:
         return results  # type: ignore[return-value]
 
 
-def evaluate(predictor: Predictor, sentences: Sequence[Sentence], batch_size: int = 256) -> Scores:
+def evaluate(predictor: Predictor, sentences: Sequence[Example], batch_size: int = 256) -> Scores:
     """Entity-level scores of the predictor on gold sentences, plus token and sentence counts."""
     results = predictor.predict([s.tokens for s in sentences], batch_size)
     scores = entity_scores([s.spans for s in sentences], [[Span(p.start, p.end, p.label) for p in r.spans] for r in results])
