@@ -17,6 +17,23 @@ HEADS = ("crf", "softmax")
 OPTIMIZERS = ("sgd", "adam", "nadam")
 
 
+# Upper bounds: far above any sensible NER tagger (the shipped one is 50/200/1 layer), low enough that
+# a hostile or mistyped config.json cannot make loading allocate gigabytes before anything is checked.
+MAXIMA = {
+    "hidden_size": 4096,
+    "num_layers": 8,
+    "word_dim": 1024,
+    "char_dim": 512,
+    "char_hidden": 1024,
+    "char_kernel": 15,
+    "max_word_length": 256,
+    "case_dim": 64,
+    "lm_vocab": 1_000_000,
+}
+# vocabulary sizes a model folder may declare (word keys, characters, tags)
+MAX_VOCAB = {"words": 5_000_000, "chars": 1_000_000, "tags": 1_000}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -63,6 +80,9 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "word_dim", "char_dim", "char_hidden", "char_kernel", "max_word_length", "lm_vocab"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.case_dim", self.case_dim, allow_zero=True)
+        for name, limit in MAXIMA.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"model.{name} = {getattr(self, name)} is larger than the allowed maximum {limit}")
         _positive("model.lm_weight", self.lm_weight, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ml.config import ModelConfig
 from ml.modules.crf import CRF, SoftmaxHead
-from ml.modules.rnn import build_encoder
+from ml.modules.rnn import STEPS, build_encoder
 from ml.vocab import NUM_CASES, PAD_ID
 
 # The parts a Tagger is assembled from, by what they do (any nn.Module with these members fits;
@@ -185,6 +185,49 @@ class Tagger(nn.Module):
         tags = self.head.decode(emissions, mask)
         scores = self.head.marginals(emissions, mask).gather(2, tags.unsqueeze(2)).squeeze(2)
         return tags, scores
+
+
+def _recurrent_shapes(prefix: str, cell: str, input_size: int, hidden: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
+    gh = STEPS[cell].gates * hidden
+    directions = 2 if bidirectional else 1
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(layers):
+        width = input_size if k == 0 else directions * hidden
+        for suffix in ("", "_reverse")[:directions]:
+            shapes[f"{prefix}weight_ih_l{k}{suffix}"] = (gh, width)
+            shapes[f"{prefix}weight_hh_l{k}{suffix}"] = (gh, hidden)
+            shapes[f"{prefix}bias_ih_l{k}{suffix}"] = (gh,)
+            shapes[f"{prefix}bias_hh_l{k}{suffix}"] = (gh,)
+    return shapes
+
+
+def state_shapes(config: ModelConfig, num_words: int, num_chars: int, num_tags: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every saved tensor of ``Tagger.from_config`` (without the training-only LM
+    head), computed without building anything, so a model folder can be checked before its model
+    is allocated. Kept equal to the built model's state dict by a test."""
+    shapes: dict[str, tuple[int, ...]] = {"word_embedding.weight": (num_words, config.word_dim)}
+    width = config.word_dim
+    if config.char_encoder == "cnn":
+        shapes["char_encoder.embedding.weight"] = (num_chars, config.char_dim)
+        shapes["char_encoder.conv.weight"] = (config.char_hidden, config.char_dim, config.char_kernel)
+        shapes["char_encoder.conv.bias"] = (config.char_hidden,)
+        width += config.char_hidden
+    elif config.char_encoder == "lstm":
+        shapes["char_encoder.embedding.weight"] = (num_chars, config.char_dim)
+        shapes.update(_recurrent_shapes("char_encoder.encoder.", "lstm", config.char_dim, config.char_hidden, 1, True))
+        width += 2 * config.char_hidden
+    if config.case_dim:
+        shapes["case_embedding.weight"] = (NUM_CASES, config.case_dim)
+        width += config.case_dim
+    shapes.update(_recurrent_shapes("encoder.", config.cell, width, config.hidden_size, config.num_layers, config.bidirectional))
+    shapes["projection.weight"] = (num_tags, (2 if config.bidirectional else 1) * config.hidden_size)
+    shapes["projection.bias"] = (num_tags,)
+    if config.head == "crf":
+        for name in ("transitions", "transition_penalty"):
+            shapes[f"head.{name}"] = (num_tags, num_tags)
+        for name in ("start", "end", "start_penalty", "end_penalty"):
+            shapes[f"head.{name}"] = (num_tags,)
+    return shapes
 
 
 class LanguageModelHead(nn.Module):
