@@ -73,8 +73,16 @@ def test_viterbi_never_uses_a_forbidden_transition():
     g = torch.Generator().manual_seed(5)
     emissions = torch.randn(64, 7, len(tags), generator=g) * 5  # strong emissions that want invalid paths
     mask = torch.ones(64, 7, dtype=torch.bool)
-    for row in crf.decode(emissions, mask).tolist():
-        tags_to_spans([tags[k] for k in row], "bioes")  # raises TagError on an invalid sequence
+    pairs, starts, ends = map(set, allowed_transitions(tags, "bioes"))
+
+    def valid(row: list[int]) -> bool:
+        return row[0] in starts and row[-1] in ends and all(pair in pairs for pair in itertools.pairwise(row))
+
+    # the emissions alone pick invalid paths, so the CRF's constraints are what is being tested
+    assert not all(valid(row) for row in emissions.argmax(2).tolist())
+    decoded = crf.decode(emissions, mask).tolist()
+    invalid = [row for row in decoded if not valid(row)]
+    assert not invalid, f"forbidden transitions in {invalid[:3]}"
 
 
 def test_batched_equals_single_and_scripted_equals_eager():
