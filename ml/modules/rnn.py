@@ -101,7 +101,7 @@ STEPS: Dict[str, Type[Step]] = {"rnn_tanh": TanhStep, "rnn_relu": ReluStep, "gru
 class RecurrentLayer(nn.Module):
     """One recurrent layer: one or two directions advancing in one loop over a cell's step."""
 
-    __constants__ = ["has_cell", "hidden_size", "num_directions"]
+    __constants__ = ("has_cell", "hidden_size", "num_directions")
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, bidirectional: bool = True):
         super().__init__()

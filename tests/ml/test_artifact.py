@@ -57,7 +57,7 @@ def test_state_shapes_match_the_built_model(overrides):
 
 def test_oversized_dimension_is_refused_before_building(folder, no_build):
     _edit_config(folder, word_dim=4000)
-    with pytest.raises(ModelLoadError, match="model.word_dim = 4000 is larger than the allowed maximum 1024"):
+    with pytest.raises(ModelLoadError, match=r"model\.word_dim = 4000 is larger than the allowed maximum 1024"):
         load_model(folder)
 
 
@@ -118,7 +118,7 @@ def test_link_out_of_the_folder_is_refused(folder, tmp_path):
     outside = tmp_path / "elsewhere.json"
     shutil.move(folder / "vocab.json", outside)
     (folder / "vocab.json").symlink_to(outside)
-    with pytest.raises(ModelLoadError, match="vocab.json is a link to .*elsewhere.json, outside the model folder"):
+    with pytest.raises(ModelLoadError, match=r"vocab\.json is a link to .*elsewhere\.json, outside the model folder"):
         load_model(folder)
 
 

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from ml.labels import allowed_transitions, tag_set, tags_to_spans
+from ml.labels import allowed_transitions, tag_set
 from ml.modules.crf import CRF, FORBIDDEN, SoftmaxHead
 
 LENGTHS = [4, 2, 1, 3]
@@ -59,7 +59,7 @@ def test_log_partition_viterbi_and_marginals_equal_brute_force(constrained, seed
         assert best[b, n:].eq(0).all()
         probs = torch.softmax(values, 0)
         expected = torch.zeros(n, crf.num_tags, dtype=torch.float64)
-        for p, seq in zip(probs, scores):
+        for p, seq in zip(probs, scores, strict=True):
             for t, k in enumerate(seq):
                 expected[t, k] += p
         torch.testing.assert_close(marginals[b, :n].double(), expected, atol=1e-5, rtol=0)

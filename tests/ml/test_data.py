@@ -96,7 +96,7 @@ def test_jsonl_reader_tokenizes_aligns_and_splits_sentences(tmp_path):
     assert first.spans == [Span(0, 2, "PER"), Span(3, 5, "LOC")]
     assert second.spans == [Span(4, 5, "LOC")]
     for s in sentences:
-        for tok, (start, end) in zip(s.tokens, s.offsets):
+        for tok, (start, end) in zip(s.tokens, s.offsets, strict=True):
             assert text[start:end] == tok
 
 

@@ -84,7 +84,7 @@ def test_allowed_transitions_accept_exactly_the_valid_sequences(scheme):
     allowed, starts, ends = set(pairs), set(starts), set(ends)
     for n in (1, 2, 3):
         for seq in itertools.product(range(len(tags)), repeat=n):
-            by_constraints = seq[0] in starts and seq[-1] in ends and all((a, b) in allowed for a, b in zip(seq, seq[1:]))
+            by_constraints = seq[0] in starts and seq[-1] in ends and all((a, b) in allowed for a, b in itertools.pairwise(seq))
             try:
                 tags_to_spans([tags[k] for k in seq], scheme)
                 valid = True

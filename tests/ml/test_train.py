@@ -42,7 +42,7 @@ def test_batched_prediction_equals_one_by_one(small_model_dir, corpus):
     predictor = Predictor.load(small_model_dir)
     tokens = [s.tokens for s in corpus[:20]]
     batched = predictor.predict(tokens, batch_size=64)
-    for toks, result in zip(tokens, batched):
+    for toks, result in zip(tokens, batched, strict=True):
         (alone,) = predictor.predict([toks])
         assert alone.tags == result.tags
         assert alone.scores == pytest.approx(result.scores, abs=1e-5)
@@ -73,7 +73,7 @@ def test_exported_torchscript_predicts_identically_in_a_fresh_process(small_mode
     )
     got = json.loads(out.stdout)
     assert got["tags"] == [r.tags for r in expected]
-    for a, b in zip(got["scores"], [r.scores for r in expected]):
+    for a, b in zip(got["scores"], [r.scores for r in expected], strict=True):
         assert a == pytest.approx(b, abs=1e-5)
     assert got["version"] == "1.0.0"
 
@@ -123,17 +123,17 @@ def test_loading_an_incompatible_folder_fails_clearly(small_model_dir, tmp_path)
     meta = json.loads((copy / "meta.json").read_text())
     meta["format"] = FORMAT + 1
     (copy / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="model format 2.*retrain"):
+    with pytest.raises(ModelLoadError, match=r"model format 2.*retrain"):
         load_model(copy)
     (copy / "weights.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="missing weights.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"missing weights\.safetensors"):
         load_model(copy)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "nowhere")
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="model.cell = 'lstmm'"):
+    with pytest.raises(ConfigError, match=r"model\.cell = 'lstmm'"):
         Config.from_dict({"model": {"cell": "lstmm"}})
     with pytest.raises(ConfigError, match=r"unknown keys \['hiden_size'\]"):
         Config.from_dict({"model": {"hiden_size": 3}})
@@ -173,7 +173,10 @@ def test_cli_train_evaluate_predict(tmp_path):
     _write_corpus(tmp_path / "data", 60, 1)
     config = _small_config_file(tmp_path / "small.toml", 25)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "ml", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ml", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+
     out = run("train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--quiet", "--version", "2.0.1")
     assert out.returncode == 0, out.stderr
     assert "dev F1" in out.stderr and json.loads(out.stdout)["dev_f1"] > 0.9
@@ -331,5 +334,5 @@ def test_nadam_is_an_optimizer_choice():
     config = small_config(train__optimizer="nadam")
     vocab = Vocabularies.build([["a"]], ["O", "S-PER"])
     assert isinstance(build_optimizer(build_model(config, vocab), config.train), torch.optim.NAdam)
-    with pytest.raises(ConfigError, match="train.optimizer = 'nadamm' is not one of sgd, adam, nadam"):
+    with pytest.raises(ConfigError, match=r"train\.optimizer = 'nadamm' is not one of sgd, adam, nadam"):
         small_config(train__optimizer="nadamm")
