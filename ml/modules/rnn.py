@@ -182,12 +182,13 @@ class RecurrentLayer(nn.Module):
         # per step (quadratic in T); unbind's backward stacks the step gradients once
         inputs = xp.unbind(0)
         for t in range(steps):
+            gates_x = inputs[t]
             gates_h = torch.baddbmm(b_hh, state, w_hh)  # one matmul for both directions
-            new_state, new_cell = self.step(inputs[t], gates_h, state, cell)
-            # past a sequence's end the state stays as it was at its last real step
-            state = torch.where(live[t], new_state, state)
+            new_state, new_cell = self.step(gates_x, gates_h, state, cell)
+            # past a sequence's end the state (and the LSTM's cell) stays as it was at its last real step
             if self.has_cell:
                 cell = torch.where(live[t], new_cell, cell)
+            state = torch.where(live[t], new_state, state)
             outputs.append(state)
 
         out = torch.stack(outputs, 0).permute(2, 0, 1, 3)  # (B, T, D, H)
