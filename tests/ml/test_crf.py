@@ -73,7 +73,8 @@ def test_viterbi_never_uses_a_forbidden_transition():
     g = torch.Generator().manual_seed(5)
     emissions = torch.randn(64, 7, len(tags), generator=g) * 5  # strong emissions that want invalid paths
     mask = torch.ones(64, 7, dtype=torch.bool)
-    pairs, starts, ends = map(set, allowed_transitions(tags, "bioes"))
+    pair_list, start_list, end_list = allowed_transitions(tags, "bioes")
+    pairs, starts, ends = set(pair_list), set(start_list), set(end_list)
 
     def valid(row: list[int]) -> bool:
         return row[0] in starts and row[-1] in ends and all(pair in pairs for pair in itertools.pairwise(row))
@@ -110,6 +111,7 @@ def test_loss_is_negative_log_likelihood_and_trains():
     assert loss.item() == pytest.approx(expected.item())
     assert loss.item() > 0
     loss.backward()
+    assert emissions.grad is not None and crf.transitions.grad is not None
     assert torch.isfinite(emissions.grad).all() and torch.isfinite(crf.transitions.grad).all()
 
 

@@ -86,6 +86,7 @@ def test_scripted_equals_eager(cell):
     eager = RecurrentEncoder(cell, I, H, 2, True)
     scripted = build_encoder("script", cell, I, H, 2, True)
     scripted.load_state_dict(eager.state_dict())
+    assert isinstance(scripted, RecurrentEncoder)
     assert all(isinstance(layer, torch.jit.ScriptModule) for layer in scripted.layers)
     whole = torch.jit.script(eager)
     x, mask, _ = batch(2)
