@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
 from ml.artifact import LoadedModel, entity_types, load_model
-from ml.data import Sentence
+from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
 from ml.fast import FastTagger
 from ml.labels import Span, lenient_spans, spans_to_tags
+from ml.model import Tagger
 from ml.vocab import Vocabularies
 
 
@@ -36,7 +36,7 @@ class TaggedSentence:
 class Predictor:
     """Wraps a Tagger in eval mode with its vocabularies; ``load`` reads a model folder."""
 
-    def __init__(self, model: nn.Module, vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None, fast: Optional[FastTagger] = None):
+    def __init__(self, model: Union[Tagger, torch.jit.ScriptModule], vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None, fast: Optional[FastTagger] = None):
         self.model = model
         self.fast = fast  # the CPU path (ml.fast): a snapshot of the weights, so only for loaded models
         self.vocab = vocab
@@ -53,11 +53,11 @@ class Predictor:
         scripted recurrence) the whole Tagger is compiled with TorchScript, so the CRF's loops run
         without the Python interpreter too. ``backend`` overrides the folder's recurrence backend."""
         loaded = load_model(path, device, backend)
-        model: nn.Module = loaded.model
+        model: Union[Tagger, torch.jit.ScriptModule] = loaded.model
         max_word_length = loaded.config.model.max_word_length
         if fast is None:
             fast = torch.device(device).type == "cpu"
-        engine = FastTagger(model, loaded.vocab, max_word_length) if fast else None
+        engine = FastTagger(loaded.model, loaded.vocab, max_word_length) if fast else None
         if script and loaded.config.model.backend == "script":
             model = torch.jit.script(model)
         return cls(model, loaded.vocab, max_word_length, device, loaded, engine)
@@ -97,7 +97,7 @@ class Predictor:
         return tag_ids.tolist(), scores.tolist()
 
 
-def evaluate(predictor: Predictor, sentences: Sequence[Sentence], batch_size: int = 256) -> Scores:
+def evaluate(predictor: Predictor, sentences: Sequence[Example], batch_size: int = 256) -> Scores:
     """Entity-level scores of the predictor on gold sentences, plus token and sentence counts."""
     results = predictor.predict([s.tokens for s in sentences], batch_size)
     scores = entity_scores([s.spans for s in sentences], [[Span(p.start, p.end, p.label) for p in r.spans] for r in results])
