@@ -32,6 +32,11 @@ from torch import Tensor, nn
 from ml.vocab import PAD_ID, UNK_ID, Vocabularies, casing, word_key
 
 
+class FastPathUnderflow(ArithmeticError):
+    """The probability-space forward-backward underflowed (emissions of a step apart by more than
+    float64's exponent range, ~700): the caller falls back to the log-space model."""
+
+
 class Decoded(NamedTuple):
     """Per sentence, in input order: tag ids and the marginal probability of each chosen tag."""
 
@@ -217,6 +222,11 @@ class FastTagger:
         steps = len(tokens)
         x = self.features.matrix[self.features.lookup(tokens)]  # (T, F)
         emissions = (self.single(x) @ self.projection_np + self.projection_bias_np).astype(np.float64)  # (T, K)
+        if self.crf is not None:
+            tags = self.crf.decode_one(emissions)
+            with np.errstate(all="ignore"):  # an underflow is caught by _checked
+                marginals = self.crf.marginals_one(emissions)
+            return tags, _checked(marginals[np.arange(steps), tags])
         return self._decode(emissions, [1] * steps, list(range(steps + 1)), np.arange(steps - 1, -1, -1))
 
     def _packed(self, token_lists: Sequence[Sequence[str]]) -> Decoded:
@@ -258,12 +268,19 @@ class FastTagger:
         """Tag ids and chosen-tag marginals (N,), packed order."""
         if self.crf is not None:
             tags = self.crf.decode(emissions, sizes, bounds)
-            marginals = self.crf.marginals(emissions, sizes, bounds, reverse)
+            with np.errstate(all="ignore"):  # an underflow is caught by _checked
+                marginals = self.crf.marginals(emissions, sizes, bounds, reverse)
         else:
             marginals = np.exp(emissions - emissions.max(1, keepdims=True))
             marginals /= marginals.sum(1, keepdims=True)
             tags = emissions.argmax(1)
-        return tags, marginals[np.arange(len(tags)), tags]
+        return tags, _checked(marginals[np.arange(len(tags)), tags])
+
+
+def _checked(probs: np.ndarray) -> np.ndarray:
+    if not np.isfinite(probs).all():
+        raise FastPathUnderflow("the CRF's forward-backward underflowed in probability space")
+    return probs
 
 
 class _NumpyLSTM:
@@ -377,6 +394,54 @@ class _NumpyCRF:
             if t > 0:
                 current[:n] = pointers[bounds[t] + np.arange(n), current[:n]]
         return tags
+
+    def decode_one(self, emissions: np.ndarray) -> np.ndarray:
+        """``decode`` for one sentence (T, K): buffers written in place, backtracking on ints."""
+        steps, k = emissions.shape
+        best = self.start + emissions[0]
+        scores = np.empty((k, k))
+        top = np.empty(k)
+        pointers = np.empty((steps, k), dtype=np.int64)
+        for t in range(1, steps):
+            np.add(self.to_from, best, out=scores)  # (K_to, K_from)
+            scores.argmax(1, out=pointers[t])
+            scores.max(1, out=top)
+            np.add(top, emissions[t], out=best)
+        tag = int((best + self.end).argmax())
+        back = pointers.tolist()
+        tags = [tag]
+        for t in range(steps - 1, 0, -1):
+            tag = back[t][tag]
+            tags.append(tag)
+        return np.array(tags[::-1], dtype=np.int64)
+
+    def marginals_one(self, emissions: np.ndarray, every: int = 4) -> np.ndarray:
+        """``marginals`` for one sentence (T, K). The running sums are rescaled every ``every``
+        steps, not each step: a step scales them by at most K (every factor is at most 1) and by at
+        least the exp of minus the emissions' spread, so four steps stay far inside float64's range
+        for any spread under 170; should a sum still underflow, every step is rescaled instead."""
+        steps, k = emissions.shape
+        weights = np.exp(emissions - emissions.max(1, keepdims=True))  # (T, K)
+        both = np.stack([weights, weights[::-1]])  # (2, T, K): forward, and backward in reversed time
+        alphas = np.empty((steps, k))
+        betas = np.empty((steps, k))  # reversed time
+        state = self.exp_first[:, 0] * both[:, 0]  # (2, K)
+        state /= state @ self.ones
+        alphas[0] = state[0]
+        betas[0] = self.exp_end
+        ahead = np.empty((2, 1, k))
+        for t in range(1, steps):
+            np.matmul(state[:, None, :], self.exp_both, out=ahead)
+            betas[t] = ahead[1, 0]
+            np.multiply(ahead[:, 0], both[:, t], out=state)
+            if t % every == 0:
+                state /= state @ self.ones
+            alphas[t] = state[0]
+        joint = alphas * betas[::-1]
+        sums = joint @ self.ones
+        if every > 1 and not (np.isfinite(sums).all() and (sums > 0).all()):
+            return self.marginals_one(emissions, every=1)
+        return joint / sums
 
     def marginals(self, emissions: np.ndarray, sizes: list[int], bounds: list[int], reverse: np.ndarray) -> np.ndarray:
         """p(tag | emissions) (N, K) packed, by forward-backward in probability space, each step

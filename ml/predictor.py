@@ -13,7 +13,7 @@ from ml.artifact import LoadedModel, entity_types, load_model
 from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
-from ml.fast import FastTagger
+from ml.fast import FastPathUnderflow, FastTagger
 from ml.labels import Span, lenient_spans, spans_to_tags
 from ml.model import Tagger
 from ml.vocab import Vocabularies
@@ -90,8 +90,11 @@ class Predictor:
     def _tag_batch(self, token_lists: Sequence[Sequence[str]]) -> Tuple[List[List[int]], List[List[float]]]:
         """Tag ids and chosen-tag marginals per sentence (lists, possibly padded past its end)."""
         if self.fast is not None:
-            decoded = self.fast(token_lists)
-            return [t.tolist() for t in decoded.tags], [p.tolist() for p in decoded.scores]
+            try:
+                decoded = self.fast(token_lists)
+                return [t.tolist() for t in decoded.tags], [p.tolist() for p in decoded.scores]
+            except FastPathUnderflow:
+                pass  # extreme emissions: the model's own log-space CRF below
         batch = tensorize(token_lists, self.vocab, self.max_word_length).to(self.device)
         tag_ids, scores = self.model(*batch.inputs)
         return tag_ids.tolist(), scores.tolist()

@@ -9,7 +9,7 @@ from torch import nn
 
 from ml.artifact import build_model, load_model
 from ml.data.tensorize import tensorize
-from ml.fast import FastTagger, _CharCNNTables, _NumpyLSTM, _torch_state_dict
+from ml.fast import FastPathUnderflow, FastTagger, _CharCNNTables, _NumpyLSTM, _torch_state_dict
 from ml.model import CharCNN
 from ml.predictor import Predictor
 from tests.conftest import small_config
@@ -140,3 +140,37 @@ def test_the_scripted_model_converts_to_torch_nn_names(small_model_dir):
     assert sorted(eager) == sorted(scripted)
     for key, value in eager.items():
         assert torch.equal(value, scripted[key]), key
+
+
+@pytest.mark.parametrize("spread", [5.0, 60.0])
+def test_one_sentence_crf_equals_the_batched_one_even_for_extreme_emissions(small_model_dir, spread):
+    # a spread of ~250 per step (60 standard deviations) underflows float64 within four steps: the
+    # one-sentence path must notice and rescale every step, giving the batched path's result
+    model, _, vocab = random_model(small_model_dir)
+    crf = FastTagger(model, vocab, 30, warm_words=0).crf
+    assert crf is not None
+    rng = np.random.default_rng(3)
+    for steps in (1, 2, 7, 23):
+        emissions = rng.normal(size=(steps, len(vocab.tags))) * spread
+        packed = ([1] * steps, list(range(steps + 1)))
+        assert crf.decode_one(emissions).tolist() == crf.decode(emissions, *packed).tolist()
+        expected = crf.marginals(emissions, *packed, np.arange(steps - 1, -1, -1))
+        with np.errstate(all="ignore"):
+            got = crf.marginals_one(emissions)
+        assert np.isfinite(expected).all() and np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_emissions_beyond_float64_fall_back_to_the_models_log_space_crf(small_model_dir):
+    model, _, vocab = random_model(small_model_dir)
+    with torch.no_grad():
+        model.projection.weight.mul_(1e4)  # emissions tens of thousands apart
+    fast = Predictor(model, vocab, 30, fast=FastTagger(model, vocab, 30, warm_words=0))
+    with pytest.raises(FastPathUnderflow):
+        assert fast.fast is not None
+        fast.fast(SENTENCES)
+    plain = Predictor(model, vocab, 30)
+    for a, b in zip(fast.predict(SENTENCES), plain.predict(SENTENCES), strict=True):
+        assert a.tags == b.tags and a.scores == b.scores
+    (one,) = fast.predict(SENTENCES[:1])
+    assert one.tags == plain.predict(SENTENCES[:1])[0].tags
