@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from service import errors, metrics
 from service.api.deps import Runtime
 from service.api.routes import annotations, feedback, health, models, tag
+from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
 from service.middleware import BodyLimit, RequestMetrics
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.include_router(annotate_page)
     for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
