@@ -148,6 +148,41 @@ def test_correct_a_prediction_with_the_keyboard_only(browser, serve):
         assert "queue is empty" in browser.find_element(By.ID, "source").text
 
 
+def test_click_an_entity_to_relabel_or_remove_it_and_skip_a_text(browser, serve):
+    with serve() as app:
+        # the same text twice: equal confidence, so the older one comes first
+        app.tag(TEXTS[0])
+        app.tag(TEXTS[0])
+        first, second = (q["prediction_id"] for q in app.queue())
+        assert open_page(browser, app)["item"]["prediction_id"] == first
+        press(browser, "s")
+        wait(browser, lambda d: state(d)["item"]["prediction_id"] == second, message="the skip")
+        ready(browser)
+
+        def entity(text):
+            return next(e for e in browser.find_elements(By.CSS_SELECTOR, "#doc .ent") if e.text.strip() == text)
+
+        entity("Paris").click()
+        assert "Entity “Paris” LOC" in browser.find_element(By.ID, "hint").text
+        browser.find_element(By.CSS_SELECTOR, "#labels button[data-label='ORG']").click()
+        entity("Anna Berg").click()
+        browser.find_element(By.ID, "remove").click()
+        assert spans(TEXTS[0], state(browser)["item"]["entities"]) == [("Paris", "ORG")]
+        browser.find_element(By.ID, "undo").click()
+        assert spans(TEXTS[0], state(browser)["item"]["entities"]) == [("Anna Berg", "PER"), ("Paris", "ORG")]
+        entity("Anna Berg").click()
+        browser.find_element(By.ID, "remove").click()
+        browser.find_element(By.ID, "submit").click()
+        wait(browser, lambda d: d.find_element(By.ID, "sitting").text == "1", message="the submit")
+        (stored,) = app.annotations()
+        assert spans(stored["text"], stored["entities"]) == [("Paris", "ORG")]
+        # the skipped text is not corrected and stays queued; it comes back once only skipped ones are left
+        assert [q["prediction_id"] for q in app.queue()] == [first]
+        wait(browser, lambda d: "Only skipped texts" in d.find_element(By.ID, "source").text, message="the queue's end")
+        press(browser, "s")
+        wait(browser, lambda d: (st := state(d))["item"] is not None and st["item"]["prediction_id"] == first, message="the skipped text")
+
+
 def _drag(driver, start_el, start_frac: float, end_el, end_frac: float) -> None:
     """A real mouse drag from a point inside one element to a point inside another (fractions of their width)."""
     def offset(el, frac):
@@ -349,6 +384,16 @@ def test_page_asks_for_the_key_when_the_service_requires_one(browser, serve):
         assert browser.execute_script("return document.cookie") == ""
         submit_and_wait_for_next(browser, 0)
         assert len(app.annotations()) == 1
+        # the export link sends the key too (a plain link could not)
+        browser.execute_script(
+            "const real = window.fetch; window.__exports = [];"
+            "window.fetch = async (url, opts) => { const r = await real(url, opts);"
+            "  if (String(url).includes('/annotations?')) window.__exports.push([r.status, await r.clone().text()]); return r; };"
+        )
+        browser.find_element(By.ID, "export").click()
+        exports = wait(browser, lambda d: d.execute_script("return window.__exports.length && window.__exports"), message="the export")
+        assert exports[0][0] == 200 and TEXTS[0] in exports[0][1]
+        assert not browser.find_element(By.ID, "error").is_displayed()
         # a reload in the same tab keeps the key: no second prompt
         browser.refresh()
         wait(browser, lambda d: d.execute_script("return !!(window.nerAnnotate && window.nerAnnotate.state.labels.length)"), message="the reload")

@@ -137,10 +137,21 @@
   function toRanges(entities, tokens) {
     const out = [];
     for (const e of entities) {
-      const touched = tokens.map((t, i) => [t, i]).filter(([t]) => t.start < e.end && e.start < t.end).map(([, i]) => i);
-      if (touched.length) out.push({ s: touched[0], e: touched[touched.length - 1] + 1, label: e.label, score: e.score });
+      const touched = touchedTokens(tokens, e.start, e.end);
+      if (touched) out.push({ s: touched[0], e: touched[1] + 1, label: e.label, score: e.score });
     }
     return sortAndDropOverlaps(out);
+  }
+
+  // [first, last] token indices that the code point range [start, end) overlaps, or null;
+  // tokens are sorted and disjoint, so two binary searches
+  function touchedTokens(tokens, start, end) {
+    let lo = 0, hi = tokens.length;
+    while (lo < hi) { const m = (lo + hi) >> 1; if (tokens[m].end > start) hi = m; else lo = m + 1; }
+    const first = lo;
+    hi = tokens.length;
+    while (lo < hi) { const m = (lo + hi) >> 1; if (tokens[m].start < end) lo = m + 1; else hi = m; }
+    return first <= lo - 1 ? [first, lo - 1] : null;
   }
 
   function sortAndDropOverlaps(ranges) {
@@ -246,6 +257,7 @@
     const inSel = (i) => sel && state.anchor !== null && sel.s <= i && i < sel.e;
     let pos = 0;     // code point offset rendered so far
     let holder = doc;
+    const startsAt = new Map(it.entities.map((r) => [r.s, r]));  // one pass per render, also for long texts
     const gap = (end) => {
       if (end > pos) {
         const g = document.createElement("span");
@@ -257,7 +269,7 @@
       }
     };
     it.tokens.forEach((t, i) => {
-      const ent = it.entities.find((r) => r.s === i);
+      const ent = startsAt.get(i);
       if (ent) {
         gap(t.start);
         holder = document.createElement("span");
@@ -267,6 +279,7 @@
         holder.dataset.first = ent.s;
         if (ent.score !== undefined) holder.title = `${ent.label}, score ${Number(ent.score).toFixed(3)}`;
         if (sel && sel.entity === ent) holder.classList.add("focused");
+        holder.dataset.lastToken = ent.e - 1;
         doc.appendChild(holder);
       }
       gap(t.start);
@@ -279,10 +292,11 @@
       if (inSel(i)) span.classList.add("sel");
       holder.appendChild(span);
       pos = t.end;
-      const open = it.entities.find((r) => r.s <= i && i < r.e);
-      if (open && open.e === i + 1) holder = doc;
+      if (holder !== doc && Number(holder.dataset.lastToken) === i) holder = doc;
     });
     gap(it.map.length);
+    const caret = doc.querySelector(".tok.caret");
+    if (caret) caret.scrollIntoView({ block: "nearest", inline: "nearest" });
     const n = state.labels.length;
     const keys = n ? `1–${Math.min(n, 9)}` : "a number";
     $("hint").textContent = sel.entity
@@ -480,12 +494,10 @@
       const start = boundaryToPoint(range.startContainer, range.startOffset);
       const end = boundaryToPoint(range.endContainer, range.endOffset);
       // snap to the whole tokens the selection touches (whitespace alone selects nothing)
-      const touched = [];
-      it.tokens.forEach((t, i) => { if (t.start < end && start < t.end) touched.push(i); });
+      const touched = touchedTokens(it.tokens, start, end);
       sel.removeAllRanges();
-      if (!touched.length) return;
-      state.anchor = touched[0];
-      state.caret = touched[touched.length - 1];
+      if (!touched) return;
+      [state.anchor, state.caret] = touched;
       render();
       return;
     }
