@@ -258,10 +258,10 @@
     let pos = 0;     // code point offset rendered so far
     let holder = doc;
     const startsAt = new Map(it.entities.map((r) => [r.s, r]));  // one pass per render, also for long texts
-    const gap = (end) => {
+    const gap = (end, selected = false) => {
       if (end > pos) {
         const g = document.createElement("span");
-        g.className = "gap";
+        g.className = selected ? "gap sel" : "gap";
         g.dataset.s = pos;
         g.textContent = it.map.slice(pos, end);
         holder.appendChild(g);
@@ -270,8 +270,9 @@
     };
     it.tokens.forEach((t, i) => {
       const ent = startsAt.get(i);
+      const gapSelected = i > 0 && inSel(i - 1) && inSel(i);
       if (ent) {
-        gap(t.start);
+        gap(t.start, gapSelected);
         holder = document.createElement("span");
         holder.className = `ent ${labelClass(ent.label)}`;
         holder.dataset.label = ent.label;
@@ -282,7 +283,7 @@
         holder.dataset.lastToken = ent.e - 1;
         doc.appendChild(holder);
       }
-      gap(t.start);
+      gap(t.start, gapSelected);
       const span = document.createElement("span");
       span.className = "tok";
       span.dataset.i = i;
