@@ -7,10 +7,12 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import RuntimeDep, SessionDep, require_api_key
 from service.db import repositories
-from service.errors import ApiError
+from service.errors import ApiError, database_unavailable
+from service.feedback import accepted_labels
 from service.schemas import ModelRef
 
 STATIC = Path(__file__).resolve().parents[2] / "static" / "annotate"
@@ -48,8 +50,11 @@ def status(runtime: RuntimeDep, session: SessionDep) -> AnnotateStatus:
     """The served model, the labels feedback accepts (the model's, then EXTRA_LABELS), how many texts
     have an accepted correction, and how many stored texts wait in the queue."""
     model = runtime.tagging.model
-    labels = list(model.labels) + [x for x in runtime.settings.extra_labels if x not in model.labels]
+    try:
+        corrected, queued = repositories.count_accepted_annotations(session), repositories.count_queue(session)
+    except SQLAlchemyError as e:
+        raise database_unavailable(e, operation="annotate_status") from None
     return AnnotateStatus(
-        model=ModelRef(name=model.name, version=model.version), labels=labels,
-        corrected_total=repositories.count_accepted_annotations(session), queue_remaining=repositories.count_queue(session),
+        model=ModelRef(name=model.name, version=model.version), labels=accepted_labels(model, runtime.settings),
+        corrected_total=corrected, queue_remaining=queued,
     )
