@@ -59,7 +59,8 @@
       } catch (e) {
         throw new ApiFailure("network_error", `the service could not be reached (${e.message}); nothing was lost, try again`);
       }
-      if (response.status === 401) {
+      // 401: no key or a wrong one; 403 with a key: a key without the right for this call
+      if (response.status === 401 || (response.status === 403 && key)) {
         const failure = await failureFrom(response);
         if (await askKey(key ? `The key was refused: ${failure.message}.` : `This service needs an API key: ${failure.message}.`)) continue;
         throw failure;
@@ -85,6 +86,7 @@
         dialog.hidden = true;
         $("key-form").onsubmit = null;
         $("key-cancel").onclick = null;
+        input.onkeydown = null;
         keyPrompt = null;
         resolve(ok);
       };
@@ -94,6 +96,7 @@
         finish(true);
       };
       $("key-cancel").onclick = () => finish(false);
+      input.onkeydown = (ev) => { if (ev.key === "Escape") finish(false); };
     });
     return keyPrompt;
   }
@@ -429,10 +432,11 @@
       it.counted = true;
       sessionStorage.setItem(SITTING_STORE, String(sitting() + 1));
     }
-    if (it.kind === "text") $("paste").value = "";
+    if (it.kind === "text" && $("paste").value === it.text) $("paste").value = "";  // done with it
     clearError();
     notice(`Stored correction #${stored.id} (${stored.entities.length} entities${stored.replayed ? ", already stored before" : ""}).`);
     state.busy = false;
+    setItem(null);  // stored: should loading the next text fail, this one is not offered again
     await next();
   }
 
