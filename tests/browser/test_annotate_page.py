@@ -292,15 +292,17 @@ def test_double_click_on_submit_stores_one_correction(browser, serve):
         first = open_page(browser, app)["item"]
         # a slow double click whose second click lands just after the next text appeared: the page
         # clicks itself the moment the next text is ready, and that click must not submit it unseen
+        # (the guard's window is widened then, so that a slow test machine cannot make the click late)
         browser.execute_script(
             "const s = window.nerAnnotate.state, first = s.item.predictionId;"
             "const timer = setInterval(() => { if (s.item && s.item.predictionId !== first && !s.busy) {"
-            "  clearInterval(timer); document.getElementById('submit').click(); window.__late = performance.now() - s.shownAt; } }, 1);"
+            "  clearInterval(timer); window.nerAnnotate.config.freshMs = 5000;"
+            "  document.getElementById('submit').click(); window.__late = performance.now() - s.shownAt; } }, 1);"
         )
         ActionChains(browser).double_click(browser.find_element(By.ID, "submit")).perform()
         wait(browser, lambda d: int(d.find_element(By.ID, "sitting").text) >= 1, message="the submit")
         late = wait(browser, lambda d: d.execute_script("return window.__late"), message="the late click")
-        assert late < 400
+        assert late < 5000
         s = ready(browser)
         time.sleep(1.0)  # a second submit, had one gone out, would have landed by now
         assert s["item"]["prediction_id"] != first["prediction_id"]

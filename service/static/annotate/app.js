@@ -23,7 +23,7 @@
   };
   // a second click of a double click (or a bounced Enter) that lands after the next text appeared
   // must not submit that text unseen
-  const FRESH_MS = 400;
+  const config = { freshMs: 400 };
 
   // ---------------------------------------------------------------- API calls
 
@@ -409,7 +409,7 @@
 
   async function submit() {
     const it = state.item;
-    if (!it || state.busy || performance.now() - state.shownAt < FRESH_MS) return;
+    if (!it || state.busy || performance.now() - state.shownAt < config.freshMs) return;
     const body = feedbackBody();
     const json = JSON.stringify(body);
     // one key per text while the body stays the same: a double click or a retry after a lost
@@ -597,6 +597,6 @@
   }
 
   // for the browser tests and the curious: the page's state, read-only by convention
-  window.nerAnnotate = { state, OffsetMap };
+  window.nerAnnotate = { state, config, OffsetMap };
   start();
 })();
