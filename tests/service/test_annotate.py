@@ -55,3 +55,14 @@ def test_status_needs_a_key_when_keys_are_set_but_the_page_does_not(sqlite_url, 
         r = c.get("/annotate/status")
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert c.get("/annotate/status", headers={"X-API-Key": key}).status_code == 200
+
+
+def test_status_answers_503_when_the_database_fails(sqlite_url, small_model_dir):
+    import sqlite3
+
+    with running_app(make_settings(sqlite_url, small_model_dir)) as c:
+        assert c.get("/annotate/status").status_code == 200
+        with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
+            db.execute("ALTER TABLE annotations RENAME TO annotations_gone")  # the query now fails inside the database
+        r = c.get("/annotate/status")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable" and r.headers["Retry-After"]
