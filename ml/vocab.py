@@ -15,9 +15,8 @@ UNK = "<unk>"
 PAD_ID = 0
 UNK_ID = 1
 
-# Casing classes (0 is padding): the small hand feature of Huang et al. / Lample et al.
-# ``casing`` returns the numbers as literals because TorchScript cannot read module globals.
-CASE_PAD, CASE_LOWER, CASE_UPPER, CASE_TITLE, CASE_MIXED, CASE_NUMERIC, CASE_HAS_DIGIT, CASE_OTHER = range(8)
+# Casing classes (0 is padding; the small hand feature of Huang et al. / Lample et al.), numbered in
+# ``casing_class``'s docstring: the numbers are literals because TorchScript cannot read module globals.
 NUM_CASES = 8
 
 
