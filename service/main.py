@@ -16,6 +16,7 @@ from service.api import errors
 from service.api.deps import Runtime
 from service.api.routes import annotations as annotation_routes
 from service.api.routes import feedback, health, models, tag
+from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
 from service.db.writer import prediction_writer
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.include_router(annotate_page)
     for router in (tag.router, feedback.router, annotation_routes.router, models.router, models.admin, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
