@@ -98,6 +98,10 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(30)
 
 
+def _workers(row: dict) -> str:
+    return f"{row['workers']} worker{'s' if row['workers'] > 1 else ''}"
+
+
 def compare(args, tmp: Path, body: Path) -> int:
     """This service (SQLite, storage on) beside the spaCy wrapper, best of 1 and 2 workers each."""
     concurrency = args.concurrency if args.concurrency_given else [1, 32]
@@ -117,7 +121,9 @@ def compare(args, tmp: Path, body: Path) -> int:
                        "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
             server = start_server(cmd, env, base)
             try:
-                run_wrk(base, str(body), 8, 2)  # warm-up
+                if workers > 1:
+                    time.sleep(5)  # /readyz answered from one worker; let the others finish loading too
+                run_wrk(base, str(body), 8, 3)  # warm-up
                 for c in concurrency:
                     r = run_wrk(base, str(body), c, args.seconds)
                     rows.append({"side": side, "workers": workers, "concurrency": c, **r})
@@ -136,8 +142,8 @@ def compare(args, tmp: Path, body: Path) -> int:
     for c in concurrency:
         best = {side: max((r for r in rows if r["side"] == side and r["concurrency"] == c), key=lambda r: r["rps"]) for side in ("this service", "spaCy wrapper")}
         ours, peer = best["this service"], best["spaCy wrapper"]
-        print(f"| {c} | {ours['rps']:.0f}/s, p50 {ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms ({ours['workers']} workers) "
-              f"| {peer['rps']:.0f}/s, p50 {peer['p50_ms']:.1f} ms, p99 {peer['p99_ms']:.1f} ms ({peer['workers']} workers) | {ours['rps'] / peer['rps']:.2f}x |")
+        print(f"| {c} | {ours['rps']:.0f}/s, p50 {ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms ({_workers(ours)}) "
+              f"| {peer['rps']:.0f}/s, p50 {peer['p50_ms']:.1f} ms, p99 {peer['p99_ms']:.1f} ms ({_workers(peer)}) | {ours['rps'] / peer['rps']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
