@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 
 import torch
 from fastapi import FastAPI
@@ -33,6 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(config.torch_threads)
+        # the event loop, the inference thread and the writer share one GIL: with Python's default
+        # 5 ms switch interval a thread that wants it can wait that long (README, Performance)
+        sys.setswitchinterval(config.gil_switch_ms / 1000.0)
         engine = make_engine(config.database_url, config.db_timeout_s)
         if config.auto_migrate:
             await asyncio.to_thread(upgrade, config.database_url)
