@@ -10,7 +10,8 @@ PostgreSQL database on 127.0.0.1:5432), warms it up, runs wrk per (text kind, co
 prints a Markdown table. With ``--compare`` it runs one sentence per request against this service
 (SQLite, persistence on) and against ``benchmarks/spacy_service.py`` (FastAPI + spaCy NER, nothing
 stored), each with 1 and 2 worker processes, and prints both side by side with the ratio of each
-side's best. Nothing here is a test: numbers depend on the machine.
+side's best, and the servers' CPU time per request (all their processes, from /proc: a measure that
+other work on the machine barely moves). Nothing here is a test: numbers depend on the machine.
 """
 from __future__ import annotations
 
@@ -83,6 +84,20 @@ def drop_pg_database(admin_url: str, name: str) -> None:
     engine.dispose()
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of the live processes of a process group (the server and its
+    workers), from /proc: unlike wall-clock rates, it barely moves when other work shares the CPU."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(cmd: list[str], env: dict, base: str) -> subprocess.Popen:
     server = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
     try:
@@ -125,18 +140,22 @@ def compare(args, tmp: Path, body: Path) -> int:
                     time.sleep(5)  # /readyz answered from one worker; let the others finish loading too
                 run_wrk(base, str(body), 8, 3)  # warm-up
                 for c in concurrency:
+                    cpu = group_cpu_seconds(server.pid)
                     r = run_wrk(base, str(body), c, args.seconds)
+                    r["cpu_ms"] = 1000 * (group_cpu_seconds(server.pid) - cpu) / max(1, r["requests"])
                     rows.append({"side": side, "workers": workers, "concurrency": c, **r})
-                    print(f"{side:14s} workers={workers} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}", file=sys.stderr)
+                    print(f"{side:14s} workers={workers} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                          f"CPU {r['cpu_ms']:.2f} ms/request  non-2xx {r['non2xx']}", file=sys.stderr)
             finally:
                 stop_server(server)
 
     print(f"\nPOST /tag, one sentence ({len(SENTENCE.split())} words), wrk -t1, {args.seconds} s per row; this service on SQLite with "
           "persistence on, the spaCy wrapper stores nothing\n")
-    print("| service | workers | concurrency | requests/s | p50 ms | p95 ms | p99 ms | non-2xx |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| service | workers | concurrency | requests/s | p50 ms | p95 ms | p99 ms | server CPU ms per request | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['side']} | {r['workers']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} |")
+        print(f"| {r['side']} | {r['workers']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} "
+              f"| {r['cpu_ms']:.2f} | {r['non2xx']} |")
     print("\n| concurrency | this service, best | spaCy wrapper, best | ratio (requests/s) |")
     print("|---|---|---|---|")
     for c in concurrency:

@@ -132,7 +132,8 @@ class MicroBatcher(Generic[T, R]):
             with self._cond:
                 self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
                 self._busy = False
-                self._cond.notify()
+                if self._queue:  # wake the worker only for work (waking it costs this thread the GIL)
+                    self._cond.notify()
 
     def _take(self) -> list[_Request[T]]:
         """Block until something is queued, then gather whole requests up to max_items."""
