@@ -5,16 +5,20 @@ sentence of 16 tokens runs about 600 TorchScript operations (a dozen per recurre
 CRF step). This path computes the same numbers in fewer, larger steps:
 
 * token features (word embedding, character encoder, casing embedding) depend on the token string
-  alone, so they are computed once per distinct string of a batch and kept in a bounded cache;
-  tensorizing is then one dict lookup per token;
+  alone, so they are computed once per distinct string and kept in a bounded cache; tensorizing is
+  then one dict lookup per token;
 * the recurrence is ``torch.nn``'s fused kernel (``nn.LSTM``/``GRU``/``RNN``) loaded with the same
-  weights, fed a ``PackedSequence`` built directly from the features (no padding);
-* the CRF (Viterbi, forward-backward) runs in numpy (float64) on that packed, time-major layout,
-  where step t's active sentences are a prefix of the batch, so no masking is needed.
+  weights, fed a ``PackedSequence`` built directly from the features (no padding); a single
+  sentence goes through an LSTM loop in numpy instead (at batch one, torch's per-step overhead is
+  most of the recurrence's time);
+* the CRF (Viterbi, forward-backward) runs in numpy, float64, in probability space, on that packed,
+  time-major layout, where step t's active sentences are a prefix of the batch (no masks). Should
+  the probability-space sums underflow, ``FastPathUnderflow`` tells the caller to use the model's
+  log-space CRF.
 
-``tests/ml/test_fast.py`` checks tags and marginals against ``Tagger.forward`` (1e-5) and batched
-against one by one; ``benchmarks/equivalence.py`` does the same on a whole corpus. The scripted
-``Tagger`` stays the export and the GPU path.
+``tests/ml/test_fast.py`` checks tags and marginals against ``Tagger.forward`` run in float64 (1e-5)
+and batched against one by one; ``benchmarks/equivalence.py`` does the same on a whole corpus. The
+scripted ``Tagger`` stays the export and the GPU path.
 
 Shapes: N tokens of a batch, S sentences, F feature width, K tags, H hidden size.
 """
@@ -187,10 +191,8 @@ class FastTagger:
         threadpool_limits(limits=1, user_api="blas")
         self.features = FeatureCache(model, vocab, max_word_length, cache_size)
         self.features.warm(warm_words)
-        self.projection_weight = model.projection.weight.detach().t().contiguous()  # (D*H, K)
-        self.projection_bias = model.projection.bias.detach()
-        self.projection_np = self.projection_weight.numpy()
-        self.projection_bias_np = self.projection_bias.numpy()
+        self.projection_np = model.projection.weight.detach().t().contiguous().numpy()  # (D*H, K)
+        self.projection_bias_np = model.projection.bias.detach().numpy()
         head = model.head
         if hasattr(head, "transitions"):  # the CRF (duck-typed: a scripted model has lost its classes)
             with torch.no_grad():
