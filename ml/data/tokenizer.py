@@ -2,11 +2,66 @@
 download), with a sentencizer for long texts. Tokens keep their character offsets into the text."""
 from __future__ import annotations
 
+import bisect
 import functools
+import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ml.labels import Span
+
+# spaCy's tokenizer strips prefix and suffix characters off a run of non-space characters one at a
+# time, slicing the rest of the run each time: quadratic in the run's length (16,000 "{" took 25 s,
+# 100,000 emoji about 21 minutes). A run longer than MAX_RUN characters is tokenized in pieces of at
+# most MAX_RUN (such a run ends up as tokens of at most MAX_RUN characters); the work per text is
+# then linear in its length.
+MAX_RUN = 50
+# characters handed to spaCy's Cython tokenizer (which holds the GIL) in one call: between two calls
+# other threads, the service's event loop among them, get the interpreter
+CHUNK_CHARS = 2048
+_LONG_RUN = re.compile(r"\S{" + str(MAX_RUN + 1) + ",}")
+
+
+def _cut_long_runs(text: str) -> tuple[str, list[int]]:
+    """``text`` with a space inserted every MAX_RUN characters inside longer non-space runs, and the
+    positions of the inserted spaces in the returned string (sorted), to map offsets back."""
+    if _LONG_RUN.search(text) is None:
+        return text, []
+    parts: list[str] = []
+    inserted: list[int] = []
+    length, last = 0, 0
+    for m in _LONG_RUN.finditer(text):
+        parts.append(text[last : m.start()])
+        length += m.start() - last
+        run = m.group()
+        for k in range(0, len(run), MAX_RUN):
+            if k:
+                parts.append(" ")
+                inserted.append(length)
+                length += 1
+            piece = run[k : k + MAX_RUN]
+            parts.append(piece)
+            length += len(piece)
+        last = m.end()
+    parts.append(text[last:])
+    return "".join(parts), inserted
+
+
+def _chunks(text: str) -> list[str]:
+    """``text`` cut right after a whitespace character roughly every CHUNK_CHARS characters (spaCy
+    tokenizes each whitespace-separated piece on its own, so the tokens are the same)."""
+    out, start = [], 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = max(text.rfind(" ", start, start + CHUNK_CHARS), text.rfind("\n", start, start + CHUNK_CHARS))
+        if cut <= start:  # no space or newline in the window: cut at any whitespace after it
+            m = re.compile(r"\s").search(text, start + CHUNK_CHARS)
+            if m is None:
+                break
+            cut = m.start()
+        out.append(text[start : cut + 1])
+        start = cut + 1
+    out.append(text[start:])
+    return out
 
 
 class Token(NamedTuple):
@@ -21,35 +76,60 @@ class Tokenizer:
 
         try:
             self.nlp = spacy.blank(language)
-        except (ImportError, KeyError, Exception) as e:  # spaCy raises its own error class per version
+        except Exception as e:  # noqa: BLE001 -- spaCy raises its own error class per version
             raise ValueError(f"spaCy has no tokenizer for language code {language!r}: {e}") from None
         self.nlp.add_pipe("sentencizer")
         self.language = language
 
+    def _doc(self, text: str) -> tuple[Any, list[int]]:
+        """spaCy's Doc of ``text`` with long runs cut (see MAX_RUN), tokenized in chunks of about
+        CHUNK_CHARS; and the positions of the spaces inserted by the cuts, for ``_offset``."""
+        from spacy.tokens import Doc
+
+        cut, inserted = _cut_long_runs(text)
+        chunks = _chunks(cut)
+        if len(chunks) == 1:
+            return self.nlp.make_doc(cut), inserted
+        docs = [self.nlp.make_doc(c) for c in chunks]
+        doc = Doc.from_docs(docs, ensure_whitespace=False)
+        # from_docs marks each chunk's first token as a sentence start: leave that to the sentencizer
+        first = 0
+        for d in docs[:-1]:
+            first += len(d)
+            if first < len(doc):
+                doc[first].is_sent_start = None
+        return doc, inserted
+
+    @staticmethod
+    def _tokens(tokens, inserted: list[int]) -> list[Token]:
+        out = []
+        for t in tokens:
+            if t.is_space:
+                continue
+            # an inserted space is never inside a token: shift back by the spaces inserted before it
+            start = t.idx - bisect.bisect_left(inserted, t.idx) if inserted else t.idx
+            out.append(Token(t.text, start, start + len(t.text)))
+        return out
+
     def tokenize(self, text: str) -> list[Token]:
         """All non-space tokens of ``text``; whitespace runs are not tokens."""
-        return [Token(t.text, t.idx, t.idx + len(t.text)) for t in self.nlp.make_doc(text) if not t.is_space]
+        doc, inserted = self._doc(text)
+        return self._tokens(doc, inserted)
 
     def sentences(self, text: str) -> list[list[Token]]:
         """Tokens split into sentences by the rule-based sentencizer; offsets refer to the whole text."""
-        doc = self.nlp(text)
+        doc, inserted = self._doc(text)
+        for _name, component in self.nlp.pipeline:
+            doc = component(doc)
         out = []
         for sent in doc.sents:
-            tokens = [Token(t.text, t.idx, t.idx + len(t.text)) for t in sent if not t.is_space]
+            tokens = self._tokens(sent, inserted)
             if tokens:
                 out.append(tokens)
         return out
 
     def pipe_sentences(self, texts: Sequence[str]) -> list[list[list[Token]]]:
-        out = []
-        for doc in self.nlp.pipe(texts):
-            sents = []
-            for sent in doc.sents:
-                tokens = [Token(t.text, t.idx, t.idx + len(t.text)) for t in sent if not t.is_space]
-                if tokens:
-                    sents.append(tokens)
-            out.append(sents)
-        return out
+        return [self.sentences(text) for text in texts]
 
 
 @functools.lru_cache(maxsize=8)
