@@ -10,8 +10,8 @@ import logging
 import torch
 from fastapi import FastAPI
 
-from service import errors, metrics
-from service.api.deps import Runtime
+from service import errors, metrics, openapi, security
+from service.api.deps import Runtime, require_probe_key
 from service.api.routes import annotations, feedback, health, models, tag
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
@@ -24,6 +24,8 @@ log = logging.getLogger("service")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     config = settings or Settings()
+    # before anything is built: an open API on a public address is refused (ALLOW_NO_AUTH overrides)
+    security.check_exposure(config.bind_host, config.key_ring, config.allow_no_auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,10 +60,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Named entities with character offsets from a bidirectional recurrent tagger; corrections feed the next model.",
         version="0.1.0",
         lifespan=lifespan,
+        # served by service.openapi behind the probe key (PROTECT_PROBES), with the real error bodies
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     errors.install(app)
     for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, health.router):
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    openapi.install(app, require_probe_key)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(security.TrustedHost, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
     app.add_middleware(RequestMetrics)
     return app

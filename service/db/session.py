@@ -16,7 +16,8 @@ class SchemaError(RuntimeError):
 
 def make_engine(url: str, timeout_s: float = 3.0, pool_size: int = 8) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": max(timeout_s, 5.0)})
+        # hide_parameters: an error logged by SQLAlchemy must not carry users' texts (INSERT parameters)
+        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": max(timeout_s, 5.0)})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -28,7 +29,7 @@ def make_engine(url: str, timeout_s: float = 3.0, pool_size: int = 8) -> Engine:
 
         return engine
     connect_args = {"connect_timeout": max(1, int(timeout_s))} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_s, connect_args=connect_args)
+    return create_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_s, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -11,16 +11,16 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from service import metrics
-from service.api.deps import RuntimeDep, SessionDep, require_api_key
+from service.api.deps import RuntimeDep, SessionDep, require_annotate_key, require_read_key
 from service.db import repositories
 from service.errors import ApiError
 from service.exports import export_lines
 from service.schemas import QueueItem
 
-router = APIRouter(tags=["annotations"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["annotations"])
 
 
-@router.get("/annotations")
+@router.get("/annotations", dependencies=[Depends(require_read_key)])
 def annotations(
     runtime: RuntimeDep,
     format: Literal["jsonl", "conll"] = "jsonl",
@@ -44,7 +44,7 @@ def annotations(
     return StreamingResponse(body(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-@router.get("/annotations/queue", response_model=list[QueueItem])
+@router.get("/annotations/queue", response_model=list[QueueItem], dependencies=[Depends(require_annotate_key)])
 def queue(session: SessionDep, limit: int = Query(20, ge=1, le=500)):
     """Uncorrected stored texts whose weakest token marginal is lowest: correct these first."""
     rows = repositories.least_confident(session, limit=limit)

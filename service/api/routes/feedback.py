@@ -10,13 +10,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ml.data.tokenizer import AlignmentError, char_spans_to_token_spans
 from service import metrics
-from service.api.deps import RuntimeDep, SessionDep, require_api_key
+from service.api.deps import RuntimeDep, SessionDep, require_annotate_key
 from service.api.routes.tag import check_text
 from service.db import repositories
 from service.errors import ApiError
 from service.schemas import FeedbackRequest, FeedbackResponse
 
-router = APIRouter(tags=["feedback"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["feedback"], dependencies=[Depends(require_annotate_key)])
 
 
 def validate_entities(body: FeedbackRequest, text: str, runtime) -> list[dict]:

@@ -14,6 +14,7 @@ from service.db import repositories
 from service.errors import ApiError
 from service.registry import register
 from service.schemas import ModelInfo, ModelVersionOut, RegisterModel
+from service.security import PathRefused, confine, default_models_dir
 from service.tagging import ServedModel
 
 router = APIRouter(tags=["models"])
@@ -57,7 +58,13 @@ async def _load(path: str) -> ServedModel:
 async def add_model(body: RegisterModel, runtime: RuntimeDep):
     """Load a model folder (refused with the reason if it does not load or predict), record it as a
     version, and with ``activate`` serve it from now on (other workers follow within MODEL_POLL_S)."""
-    model = await _load(body.path)
+    root = runtime.settings.models_dir or default_models_dir()
+    try:
+        path = confine(body.path, root)
+    except PathRefused as e:
+        # the same answer whether or not an outside path exists: nothing about it was looked at
+        raise ApiError(422, "path_not_allowed", f"model refused: {e}") from None
+    model = await _load(str(path))
     row = await run_in_threadpool(register, runtime.sessions, model, body.activate)
     if body.activate:
         runtime.tagging.switch(model)

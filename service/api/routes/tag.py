@@ -16,11 +16,14 @@ from service.batching import BatcherClosed, QueueFull
 from service.config import Settings
 from service.db.repositories import PredictionRecord
 from service.errors import ApiError
+from service.logthrottle import ThrottledLog
 from service.schemas import TagRequest, TagResult, TagResults
 from service.tagging import entity_dicts, min_token_score
 
 router = APIRouter(tags=["tagging"], dependencies=[Depends(require_api_key)])
 log = logging.getLogger("service.tag")
+# during a database outage: the first failure, then a count at most every 5 s (not one line per request)
+_unstored = ThrottledLog(log, "predictions not stored", interval_s=5.0)
 
 # C0/C1 controls except tab, newline and carriage return; UTF-16 surrogates
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -71,10 +74,11 @@ async def tag(body: TagRequest, runtime: RuntimeDep) -> JSONResponse:
         try:
             await runtime.writer.submit(records)
             stored = True
+            _unstored.success()
         except Exception as e:  # the answer still goes out, marked as not stored
             metrics.DB_ERRORS.labels(operation="store_prediction").inc()
             metrics.PREDICTIONS_NOT_STORED.inc(len(records))
-            log.warning("predictions not stored: %s: %s", type(e).__name__, e)
+            _unstored.failure(e, len(records))
 
     results = []
     for i, t, ents in zip(ids, tagged, entities):
