@@ -80,6 +80,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     from service.db import session as db
 
     url = _database_url(args)
+    if args.db_command == "purge":
+        return _purge(url, args)
     if args.db_command == "upgrade":
         db.upgrade(url, args.revision)
     elif args.db_command == "downgrade":
@@ -89,6 +91,27 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"database revision: {db.database_revision(engine)} (code: {db.code_revision()})")
     finally:
         engine.dispose()
+    return 0
+
+
+def _purge(url: str, args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from service.config import Settings
+    from service.db import session as db
+    from service.db.retention import purge
+
+    settings = Settings()
+    days = args.older_than_days if args.older_than_days is not None else settings.retention_days
+    engine = db.make_engine(url)
+    try:
+        db.check_schema(engine)
+        with db.make_sessionmaker(engine)() as session:
+            removed = purge(session, retention_days=days, idempotency_ttl=dt.timedelta(hours=settings.idempotency_ttl_hours))
+    finally:
+        engine.dispose()
+    print(json.dumps({"retention_days": days, "idempotency_ttl_hours": settings.idempotency_ttl_hours, "removed": removed.as_dict()}))
     return 0
 
 
@@ -145,10 +168,15 @@ def parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema (Alembic)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    for name, help_, default in (("upgrade", "apply migrations", "head"), ("downgrade", "revert migrations", None), ("current", "show the revision", None)):
+    for name, help_, default in (
+        ("upgrade", "apply migrations", "head"), ("downgrade", "revert migrations", None), ("current", "show the revision", None),
+        ("purge", "delete predictions and uncorrected texts older than RETENTION_DAYS, and expired idempotency keys", None),
+    ):
         c = db_sub.add_parser(name, help=help_)
-        if name != "current":
+        if name in ("upgrade", "downgrade"):
             c.add_argument("revision", nargs="?" if default else None, default=default)
+        if name == "purge":
+            c.add_argument("--older-than-days", type=float, help="default: RETENTION_DAYS (unset: only idempotency keys are cleared)")
         c.add_argument("--database-url", help="default: DATABASE_URL / .env / the SQLite default")
     db.set_defaults(func=cmd_db)
     return p

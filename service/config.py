@@ -35,11 +35,14 @@ class Settings(BaseSettings):
     # the queue's bound in characters (the work is proportional to them, not to the number of texts):
     # a request that would push the queued characters past it is refused, a small one that fits is not
     queue_max_chars: int = Field(2_000_000, description="characters waiting for the model before /tag answers 503")
+    small_request_chars: int = Field(2000, description="requests of at most this many characters in all are tagged in their own lane, never behind big ones")
     body_timeout_s: float = Field(30.0, description="a request body not received in full within this many seconds gets 408")
     torch_threads: int = 1  # per worker process
 
     # persistence
     store_text: bool = Field(True, description="False: keep only a SHA-256 of each text (feedback must then resend the text)")
+    retention_days: float | None = Field(None, description="`ner db purge` deletes predictions, and texts nobody corrected, older than this; unset = keep")
+    idempotency_ttl_hours: float = Field(24.0, description="an Idempotency-Key protects retries for this long; then it may be used again and `ner db purge` clears it")
     db_write_batch: int = 256
     db_timeout_s: float = 3.0
 
@@ -94,6 +97,10 @@ class Settings(BaseSettings):
             raise ValueError("QUEUE_MAX_TEXTS must be at least MAX_BATCH_TEXTS, or a full request could never be queued")
         if self.queue_max_chars < self.max_text_chars:
             raise ValueError("QUEUE_MAX_CHARS must be at least MAX_TEXT_CHARS, or a text within the limit could never be queued")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ValueError("RETENTION_DAYS must be positive (unset it to keep everything)")
+        if self.idempotency_ttl_hours <= 0:
+            raise ValueError("IDEMPOTENCY_TTL_HOURS must be positive")
         if self.body_timeout_s <= 0:
             raise ValueError("BODY_TIMEOUT_S must be positive")
         return self

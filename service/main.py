@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from service import errors, metrics, openapi, security
 from service.api.deps import Runtime, require_probe_key
-from service.api.routes import annotations, feedback, health, models, tag
+from service.api.routes import annotations, documents, feedback, health, models, tag
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
 from service.middleware import BodyLimit, RequestMetrics
@@ -66,9 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
-    for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, health.router):
+    for router in (tag.router, feedback.router, annotations.router, documents.router, models.router, models.admin, health.router):
         app.include_router(router)
-    openapi.install(app, require_probe_key)
+    openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(security.TrustedHost, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
     app.add_middleware(RequestMetrics)

@@ -76,7 +76,9 @@ def _role_of(op: dict) -> str | None:
     return None
 
 
-def build_schema(app: FastAPI) -> dict:
+def build_schema(app: FastAPI, guarded: bool = True, protect_probes: bool = True) -> dict:
+    """The schema of ``app``; ``guarded`` (API_KEYS holds keys for the non-admin roles) and
+    ``protect_probes`` say which operations really check a key: the others declare no security."""
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ErrorBody"] = ERROR_SCHEMA
@@ -87,6 +89,10 @@ def build_schema(app: FastAPI) -> dict:
         for method, op in item.items():
             key = (method, path)
             role = _role_of(op)
+            probe = any("ProbeKey" in requirement for requirement in op.get("security", []))
+            if (probe and not (protect_probes and guarded)) or (role is not None and role != "admin" and not guarded):
+                op.pop("security", None)
+                role = None
             codes = {400}
             if op.get("security"):
                 codes |= {401, 403}
@@ -112,14 +118,14 @@ def build_schema(app: FastAPI) -> dict:
     return schema
 
 
-def install(app: FastAPI, probe_dependency) -> None:
+def install(app: FastAPI, probe_dependency, guarded: bool = True, protect_probes: bool = True) -> None:
     """Serve /openapi.json and /docs behind ``probe_dependency`` (create the app with
     ``openapi_url=None, docs_url=None, redoc_url=None``)."""
     cache: dict[str, dict] = {}
 
     def openapi() -> dict:
         if "schema" not in cache:
-            cache["schema"] = build_schema(app)
+            cache["schema"] = build_schema(app, guarded, protect_probes)
         return cache["schema"]
 
     app.openapi = openapi  # type: ignore[method-assign]

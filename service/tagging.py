@@ -50,24 +50,39 @@ class Tagged:
 
 
 class TaggingEngine:
-    """Owns the served model and the inference batcher. ``switch`` replaces the model between two
-    batches: a batch always runs on one model, and a request in flight is never failed by it."""
+    """Owns the served model and the inference batchers. ``switch`` replaces the model between two
+    batches: a batch always runs on one model, and a request in flight is never failed by it.
+
+    Two lanes, each a batcher with its own thread: requests of at most SMALL_REQUEST_CHARS
+    characters in all, and the others. A one-sentence request then never waits behind a batch of
+    100,000-character texts (torch and the chunked tokenizer let the two threads share the CPU);
+    both queues are bounded by characters (QUEUE_MAX_CHARS) as well as texts."""
 
     def __init__(self, model: ServedModel, settings: Settings):
         self.model = model
         self.settings = settings
-        self.batcher: MicroBatcher[str, Tagged] = MicroBatcher(
-            self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
-            name="inference", on_depth=metrics.QUEUE_DEPTH.set,
-        )
+
+        def lane(name: str) -> MicroBatcher[str, Tagged]:
+            return MicroBatcher(
+                self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
+                name=name, on_depth=self._depth, weight=len, max_weight=settings.queue_max_chars,
+            )
+
+        self.small = lane("inference-small")
+        self.batcher = lane("inference")  # the lane of large requests
         metrics.QUEUE_CAPACITY.set(settings.queue_max_texts)
         metrics.set_model_info(model.name, model.version)
 
+    def _depth(self, _depth: int) -> None:
+        metrics.QUEUE_DEPTH.set(self.small.depth + self.batcher.depth)
+
     def start(self) -> TaggingEngine:
+        self.small.start()
         self.batcher.start()
         return self
 
     def close(self) -> None:
+        self.small.close()
         self.batcher.close()
 
     def switch(self, model: ServedModel) -> ServedModel:
@@ -92,7 +107,8 @@ class TaggingEngine:
         return [Tagged(r, model) for r in results]
 
     async def tag(self, texts: Sequence[str]) -> list[Tagged]:
-        return await self.batcher.submit(list(texts))
+        small = sum(len(t) for t in texts) <= self.settings.small_request_chars
+        return await (self.small if small else self.batcher).submit(list(texts))
 
 
 def min_token_score(result: TextResult) -> float:

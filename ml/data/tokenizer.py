@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from ml.labels import Span
@@ -18,7 +18,7 @@ from ml.labels import Span
 MAX_RUN = 50
 # characters handed to spaCy's Cython tokenizer (which holds the GIL) in one call: between two calls
 # other threads, the service's event loop among them, get the interpreter
-CHUNK_CHARS = 2048
+CHUNK_CHARS = 1000
 _LONG_RUN = re.compile(r"\S{" + str(MAX_RUN + 1) + ",}")
 
 
@@ -81,51 +81,52 @@ class Tokenizer:
         self.nlp.add_pipe("sentencizer")
         self.language = language
 
-    def _doc(self, text: str) -> tuple[Any, list[int]]:
-        """spaCy's Doc of ``text`` with long runs cut (see MAX_RUN), tokenized in chunks of about
-        CHUNK_CHARS; and the positions of the spaces inserted by the cuts, for ``_offset``."""
-        from spacy.tokens import Doc
-
+    def _chunk_docs(self, text: str, sentences: bool) -> Iterator[tuple[Any, int, list[int]]]:
+        """spaCy Docs of ``text`` with long runs cut (MAX_RUN), one per chunk of about CHUNK_CHARS
+        (no single call into spaCy, and none of its whole-text steps, holds the GIL for long); with
+        each, the chunk's offset in the cut text and the positions of the inserted spaces."""
         cut, inserted = _cut_long_runs(text)
-        chunks = _chunks(cut)
-        if len(chunks) == 1:
-            return self.nlp.make_doc(cut), inserted
-        docs = [self.nlp.make_doc(c) for c in chunks]
-        doc = Doc.from_docs(docs, ensure_whitespace=False)
-        # from_docs marks each chunk's first token as a sentence start: leave that to the sentencizer
-        first = 0
-        for d in docs[:-1]:
-            first += len(d)
-            if first < len(doc):
-                doc[first].is_sent_start = None
-        return doc, inserted
+        base = 0
+        for chunk in _chunks(cut):
+            yield (self.nlp(chunk) if sentences else self.nlp.make_doc(chunk)), base, inserted
+            base += len(chunk)
 
     @staticmethod
-    def _tokens(tokens, inserted: list[int]) -> list[Token]:
+    def _tokens(tokens, base: int, inserted: list[int]) -> list[Token]:
         out = []
         for t in tokens:
             if t.is_space:
                 continue
+            idx = base + t.idx
             # an inserted space is never inside a token: shift back by the spaces inserted before it
-            start = t.idx - bisect.bisect_left(inserted, t.idx) if inserted else t.idx
+            start = idx - bisect.bisect_left(inserted, idx) if inserted else idx
             out.append(Token(t.text, start, start + len(t.text)))
         return out
 
     def tokenize(self, text: str) -> list[Token]:
         """All non-space tokens of ``text``; whitespace runs are not tokens."""
-        doc, inserted = self._doc(text)
-        return self._tokens(doc, inserted)
+        out: list[Token] = []
+        for doc, base, inserted in self._chunk_docs(text, sentences=False):
+            out.extend(self._tokens(doc, base, inserted))
+        return out
 
     def sentences(self, text: str) -> list[list[Token]]:
-        """Tokens split into sentences by the rule-based sentencizer; offsets refer to the whole text."""
-        doc, inserted = self._doc(text)
-        for _name, component in self.nlp.pipeline:
-            doc = component(doc)
-        out = []
-        for sent in doc.sents:
-            tokens = self._tokens(sent, inserted)
-            if tokens:
-                out.append(tokens)
+        """Tokens split into sentences by the rule-based sentencizer; offsets refer to the whole text.
+        A chunk's first sentence continues the previous chunk's last one unless that one ended with
+        a sentence-final punctuation token (the sentencizer's own rule)."""
+        punct = self.nlp.get_pipe("sentencizer").punct_chars
+        out: list[list[Token]] = []
+        for doc, base, inserted in self._chunk_docs(text, sentences=True):
+            continues = bool(out) and out[-1][-1].text not in punct
+            for sent in doc.sents:
+                tokens = self._tokens(sent, base, inserted)
+                if not tokens:
+                    continue
+                if continues:
+                    out[-1].extend(tokens)
+                    continues = False
+                else:
+                    out.append(tokens)
         return out
 
     def pipe_sentences(self, texts: Sequence[str]) -> list[list[list[Token]]]:

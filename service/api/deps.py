@@ -62,10 +62,11 @@ _BEARER = HTTPBearer(scheme_name="Bearer", auto_error=False, description="the sa
 _ADMIN_KEY = APIKeyHeader(name="X-Admin-Key", scheme_name="AdminKey", auto_error=False, description="ADMIN_KEY (or an admin key of API_KEYS in X-API-Key)")
 
 
-def _given_key(x_api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
-    if x_api_key is not None:
-        return x_api_key
-    return bearer.credentials if bearer is not None else None
+def _given_keys(*keys: str | None, bearer: HTTPAuthorizationCredentials | None = None) -> list[str]:
+    given = [k for k in keys if k is not None]
+    if bearer is not None:
+        given.append(bearer.credentials)
+    return given
 
 
 def require_role(role: str):
@@ -82,7 +83,7 @@ def require_role(role: str):
         ring = runtime.settings.key_ring
         if not ring.guarded:
             return
-        _check(ring, role, _given_key(x_api_key, bearer))
+        _check(ring, role, _given_keys(x_api_key, bearer=bearer))
 
     async def admin_dependency(
         runtime: RuntimeDep,
@@ -93,19 +94,24 @@ def require_role(role: str):
         ring = runtime.settings.key_ring
         if not ring.has_role("admin"):
             raise ApiError(403, "admin_disabled", "admin endpoints are disabled: set ADMIN_KEY (or an admin:KEY entry in API_KEYS) to enable them")
-        _check(ring, "admin", x_admin_key if x_admin_key is not None else _given_key(x_api_key, bearer))
+        _check(ring, "admin", _given_keys(x_admin_key, x_api_key, bearer=bearer))
 
     return admin_dependency if role == "admin" else dependency
 
 
-def _check(ring: KeyRing, role: str, given: str | None) -> None:
-    if given is None:
+def _check(ring: KeyRing, role: str, given: list[str]) -> None:
+    """Every key presented must be valid (a wrong one is never outvoted by a right one), and one of
+    them must have ``role``."""
+    if not given:
         raise ApiError(401, "unauthorized", "missing API key: send X-API-Key (or Authorization: Bearer)", {"WWW-Authenticate": "ApiKey"})
-    roles = ring.roles_of(given)
-    if roles is None:
-        raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "ApiKey"})
-    if role not in roles:
-        raise ApiError(403, "forbidden", f"this key lacks the {role!r} role needed here (it has: {', '.join(sorted(roles))})")
+    granted: set[str] = set()
+    for key in given:
+        roles = ring.roles_of(key)
+        if roles is None:
+            raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "ApiKey"})
+        granted |= roles
+    if role not in granted:
+        raise ApiError(403, "forbidden", f"this key lacks the {role!r} role needed here (it has: {', '.join(sorted(granted))})")
 
 
 require_api_key = require_role("tag")
@@ -123,9 +129,9 @@ async def require_probe_key(
     ring = runtime.settings.key_ring
     if not runtime.settings.protect_probes or not ring.keys:
         return
-    given = _given_key(x_api_key, bearer)
-    if given is None:
+    given = _given_keys(x_api_key, bearer=bearer)
+    if not given:
         raise ApiError(401, "unauthorized", "missing API key: send X-API-Key (or Authorization: Bearer)", {"WWW-Authenticate": "ApiKey"})
-    if ring.roles_of(given) is None:
+    if any(ring.roles_of(key) is None for key in given):
         raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "ApiKey"})
 

@@ -20,12 +20,23 @@ from service.schemas import QueueItem
 router = APIRouter(tags=["annotations"])
 
 
+def _parse_since(value: str | None) -> dt.datetime | None:
+    # ISO 8601 only: pydantic would also take a number as a Unix time, which the schema does not say
+    if value is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"since: {value!r} is not an ISO 8601 date-time (e.g. 2026-11-27T10:00:00Z)") from None
+
+
 @router.get("/annotations", dependencies=[Depends(require_read_key)])
 def annotations(
     runtime: RuntimeDep,
     format: Literal["jsonl", "conll"] = "jsonl",
-    since: dt.datetime | None = Query(None, description="only corrections stored at or after this time (ISO 8601)"),
+    since_text: str | None = Query(None, alias="since", description="only corrections stored at or after this time (ISO 8601)", json_schema_extra={"format": "date-time"}),
 ):
+    since = _parse_since(since_text)
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=dt.UTC)
     lines = export_lines(runtime.sessions, format, since, language=runtime.tagging.model.language)

@@ -1,6 +1,7 @@
 """POST /feedback: corrected entities for a stored prediction or for a new text."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from service import metrics
 from service.api.deps import RuntimeDep, SessionDep, require_annotate_key
 from service.api.routes.tag import check_text
 from service.db import repositories
+from service.db.models import utcnow
 from service.errors import ApiError
 from service.schemas import FeedbackRequest, FeedbackResponse
 
@@ -67,10 +69,14 @@ def feedback(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     settings = runtime.settings
+    if idempotency_key is not None and not idempotency_key.strip():
+        # an empty key would be one key shared by every client that sends it
+        raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key is empty; send a unique value per request (e.g. a UUID) or omit the header")
     request_sha = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    ttl = dt.timedelta(hours=settings.idempotency_ttl_hours)
     try:
         if idempotency_key is not None:
-            found = repositories.find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha)
+            found = repositories.find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha, not_before=utcnow() - ttl)
             if found is not None:
                 return JSONResponse(_describe(found, True), status_code=200)
         prediction = None
@@ -95,10 +101,12 @@ def feedback(
         entities = validate_entities(body, text, runtime)
         result = repositories.create_annotation(
             session, text=text, entities=entities, author=body.author, source="prediction" if prediction is not None else "text",
-            prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha,
+            prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha, idempotency_ttl=ttl,
         )
     except repositories.IdempotencyConflict:
         raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {idempotency_key!r} was already used with a different request body") from None
+    except repositories.IntegrityConflict as e:
+        raise ApiError(409, "conflict", f"the correction was not stored: {e}") from None
     except SQLAlchemyError as e:
         metrics.DB_ERRORS.labels(operation="store_feedback").inc()
         metrics.FEEDBACK_FAILED.inc()

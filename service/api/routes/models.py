@@ -3,8 +3,10 @@ model versions without a restart."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from fastapi import Path as FastPath
 from fastapi.concurrency import run_in_threadpool
 
 from ml.artifact import ModelLoadError
@@ -34,6 +36,9 @@ def _summary(metrics_: dict) -> dict:
 def _out(row) -> ModelVersionOut:
     return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {})
 
+
+# ids are 32-bit on PostgreSQL and 64-bit on SQLite: beyond 2^31 - 1 the database would raise (a 500)
+ModelId = Annotated[int, FastPath(ge=1, le=2**31 - 1, description="a model version id from GET /admin/models")]
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
@@ -72,7 +77,7 @@ async def add_model(body: RegisterModel, runtime: RuntimeDep):
 
 
 @admin.post("/models/{model_id}/activate", response_model=ModelVersionOut)
-async def activate(model_id: int, runtime: RuntimeDep):
+async def activate(model_id: ModelId, runtime: RuntimeDep):
     """Serve a registered version again: this is also how to roll back."""
     def find():
         with runtime.sessions() as session:
