@@ -65,13 +65,18 @@ def test_key_ring_parsing():
         Settings(api_keys="tag:short", _env_file=None)
 
 
-def test_openapi_names_each_routes_role(client):
-    paths = client.get("/openapi.json").json()["paths"]
+def test_openapi_names_each_routes_role(keyed, client):
+    paths = keyed.get("/openapi.json").json()["paths"]
     assert paths["/tag"]["post"]["x-required-role"] == "tag"
     assert paths["/feedback"]["post"]["x-required-role"] == "annotate"
     assert paths["/annotations/queue"]["get"]["x-required-role"] == "annotate"
     assert paths["/annotations"]["get"]["x-required-role"] == "read"
     assert paths["/admin/models"]["post"]["x-required-role"] == "admin"
+    assert paths["/healthz"]["get"].get("security") is None  # probes open: no key declared
+    # without API_KEYS only /admin checks a key, and the schema says so
+    open_paths = client.get("/openapi.json").json()["paths"]
+    assert "security" not in open_paths["/tag"]["post"] and "401" not in open_paths["/tag"]["post"]["responses"]
+    assert open_paths["/admin/models"]["get"]["x-required-role"] == "admin"
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::"])
