@@ -110,7 +110,3 @@ class Settings(BaseSettings):
         from service.security import KeyRing
 
         return KeyRing.from_settings(self.api_keys, self.admin_key)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")

@@ -9,15 +9,19 @@ import logging
 
 import torch
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 
-from service import errors, metrics, openapi, security
+from service import metrics, security
+from service.api import errors, openapi
 from service.api.deps import Runtime, require_probe_key
-from service.api.routes import annotations, documents, feedback, health, models, tag
+from service.api.routes import annotations as annotation_routes
+from service.api.routes import documents, feedback, health, models, tag
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
+from service.db.writer import prediction_writer
 from service.middleware import BodyLimit, RequestMetrics
 from service.registry import follow_active, initial_model
-from service.tagging import TaggingEngine, prediction_writer
+from service.tagging import ServedModel, TaggingEngine
 
 log = logging.getLogger("service")
 
@@ -35,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(upgrade, config.database_url)
         await asyncio.to_thread(check_schema, engine)
         sessions = make_sessionmaker(engine)
-        model = await asyncio.to_thread(initial_model, config, sessions)
+        model = await asyncio.to_thread(_initial_model, config, sessions)
         tagging = TaggingEngine(model, config).start()
         writer = prediction_writer(sessions, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
@@ -43,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
         gc.collect()
         gc.freeze()
-        poller = asyncio.create_task(follow_active(app.state.runtime, config.model_poll_s)) if config.model_poll_s > 0 else None
+        poller = asyncio.create_task(follow_active(tagging, sessions, config.model_poll_s)) if config.model_poll_s > 0 else None
         log.info("serving %s %s; database %s", model.name, model.version, engine.url.render_as_string(hide_password=True))
         try:
             yield
@@ -60,16 +64,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Named entities with character offsets from a bidirectional recurrent tagger; corrections feed the next model.",
         version="0.1.0",
         lifespan=lifespan,
-        # served by service.openapi behind the probe key (PROTECT_PROBES), with the real error bodies
+        # served by service.api.openapi behind the probe key (PROTECT_PROBES), with the real error bodies
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
     )
     errors.install(app)
-    for router in (tag.router, feedback.router, annotations.router, documents.router, models.router, models.admin, health.router):
+    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, health.router):
         app.include_router(router)
     openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(security.TrustedHost, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
     app.add_middleware(RequestMetrics)
     return app
+
+
+def _initial_model(config: Settings, sessions: sessionmaker[Session]) -> ServedModel:
+    # start-up runs outside any request: the lifespan opens this one session itself
+    with sessions() as session:
+        return initial_model(config, session)

@@ -31,7 +31,7 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            labels = dict(route=template, method=scope["method"], status=str(status["code"]))
+            labels = {"route": template, "method": scope["method"], "status": str(status["code"])}
             metrics.HTTP_REQUESTS.labels(**labels).inc()
             metrics.HTTP_LATENCY.labels(**labels).observe(time.perf_counter() - started)
 
@@ -79,6 +79,7 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+        return None
 
     async def _reject(self, send):
         return await self._send_error(send, 413, "too_large", f"the request body is larger than {self.max_bytes} bytes")

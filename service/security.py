@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import error_body
+from service.errors import ApiError, error_body
 
 ROLES = ("tag", "annotate", "read", "admin")
 # a key given without a role (the old ``API_KEYS=k1,k2`` form) opens everything but /admin
@@ -114,6 +114,14 @@ def confine(path: str, root: Path) -> Path:
     if not resolved.is_relative_to(base) or resolved == base:
         raise PathRefused(f"model folders must lie inside MODELS_DIR ({base})")
     return resolved
+
+
+def model_folder(path: str, root: Path) -> str:
+    """``confine`` for POST /admin/models: 422 path_not_allowed, the same for any outside path."""
+    try:
+        return str(confine(path, root))
+    except PathRefused as e:
+        raise ApiError(422, "path_not_allowed", f"model refused: {e}") from None
 
 
 def allowed_hosts(configured: list[str], bind_host: str) -> frozenset[str] | None:

@@ -139,7 +139,7 @@ def test_delete_document_erases_the_text_everywhere(sqlite_url, small_model_dir)
 
 
 def test_purge_applies_retention_and_expires_idempotency_keys(sqlite_url, small_model_dir):
-    from service.db.retention import purge
+    from service.db.repositories import purge
     from service.db.session import make_engine, make_sessionmaker
 
     with running_app(make_settings(sqlite_url, small_model_dir, idempotency_ttl_hours=1)) as c:
@@ -207,3 +207,23 @@ def test_out_of_range_model_ids_are_refused_not_500(sqlite_url, small_model_dir,
         r = c.post(f"/admin/models/{model_id}/activate", headers=ADMIN)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
         assert c.post("/admin/models/999/activate", headers=ADMIN).status_code == 404
+
+
+def test_export_holds_no_connection_between_pages(sqlite_url, small_model_dir):
+    from service.db import repositories
+    from service.db.session import make_engine, make_sessionmaker
+
+    with running_app(make_settings(sqlite_url, small_model_dir)) as c:
+        for i in range(5):
+            assert c.post("/feedback", json={"text": f"Tom number {i} left .", "entities": []}).status_code == 201
+    engine = make_engine(sqlite_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = repositories.iter_annotations(session, batch=2)
+            seen = [next(rows).document.text]
+            # a reader that stops here holds nothing: no transaction, no checked-out connection
+            assert not session.in_transaction() and engine.pool.checkedout() == 0
+            seen += [a.document.text for a in rows]
+        assert seen == [f"Tom number {i} left ." for i in range(5)]
+    finally:
+        engine.dispose()

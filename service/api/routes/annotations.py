@@ -10,10 +10,9 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import metrics
 from service.api.deps import RuntimeDep, SessionDep, require_annotate_key, require_read_key
 from service.db import repositories
-from service.errors import ApiError
+from service.errors import ApiError, database_unavailable
 from service.exports import export_lines
 from service.schemas import QueueItem
 
@@ -31,20 +30,17 @@ def _parse_since(value: str | None) -> dt.datetime | None:
 
 
 @router.get("/annotations", dependencies=[Depends(require_read_key)])
-def annotations(
+def export_annotations(
     runtime: RuntimeDep,
+    session: SessionDep,
     format: Literal["jsonl", "conll"] = "jsonl",
     since_text: str | None = Query(None, alias="since", description="only corrections stored at or after this time (ISO 8601)", json_schema_extra={"format": "date-time"}),
 ):
-    since = _parse_since(since_text)
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.UTC)
-    lines = export_lines(runtime.sessions, format, since, language=runtime.tagging.model.language)
+    lines = export_lines(session, format, _parse_since(since_text), language=runtime.tagging.model.language)
     try:
         first = next(lines, "")  # touch the database before the 200 goes out
     except SQLAlchemyError as e:
-        metrics.DB_ERRORS.labels(operation="export").inc()
-        raise ApiError(503, "database_unavailable", f"the database is unavailable: {type(e).__name__}", {"Retry-After": "5"}) from None
+        raise database_unavailable(e, operation="export") from None
 
     def body() -> Iterator[str]:
         yield first

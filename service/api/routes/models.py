@@ -2,22 +2,16 @@
 model versions without a restart."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
-from fastapi import Path as FastPath
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Path
 
-from ml.artifact import ModelLoadError
-from service import metrics
+from service import registry
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key, require_api_key
 from service.db import repositories
-from service.errors import ApiError
-from service.registry import register
+from service.db.models import ModelVersion
+from service.security import default_models_dir, model_folder
 from service.schemas import ModelInfo, ModelVersionOut, RegisterModel
-from service.security import PathRefused, confine, default_models_dir
-from service.tagging import ServedModel
 
 router = APIRouter(tags=["models"])
 
@@ -33,12 +27,12 @@ def _summary(metrics_: dict) -> dict:
     return {k: v for k, v in metrics_.items() if k != "history"}
 
 
-def _out(row) -> ModelVersionOut:
+def _out(row: ModelVersion) -> ModelVersionOut:
     return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {})
 
 
 # ids are 32-bit on PostgreSQL and 64-bit on SQLite: beyond 2^31 - 1 the database would raise (a 500)
-ModelId = Annotated[int, FastPath(ge=1, le=2**31 - 1, description="a model version id from GET /admin/models")]
+ModelId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a model version id from GET /admin/models")]
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
@@ -48,50 +42,15 @@ def list_models(session: SessionDep):
     return [_out(r) for r in repositories.list_models(session)]
 
 
-async def _load(path: str) -> ServedModel:
-    try:
-        return await run_in_threadpool(ServedModel.load, Path(path))
-    except ModelLoadError as e:
-        metrics.MODEL_SWITCHES.labels(result="refused").inc()
-        raise ApiError(422, "bad_model", f"model refused, still serving the previous one: {e}") from None
-    except Exception as e:
-        metrics.MODEL_SWITCHES.labels(result="refused").inc()
-        raise ApiError(422, "bad_model", f"model refused, still serving the previous one: {type(e).__name__}: {e}") from None
-
-
 @admin.post("/models", response_model=ModelVersionOut, status_code=201)
-async def add_model(body: RegisterModel, runtime: RuntimeDep):
+async def add_model(body: RegisterModel, runtime: RuntimeDep, session: SessionDep):
     """Load a model folder (refused with the reason if it does not load or predict), record it as a
     version, and with ``activate`` serve it from now on (other workers follow within MODEL_POLL_S)."""
-    root = runtime.settings.models_dir or default_models_dir()
-    try:
-        path = confine(body.path, root)
-    except PathRefused as e:
-        # the same answer whether or not an outside path exists: nothing about it was looked at
-        raise ApiError(422, "path_not_allowed", f"model refused: {e}") from None
-    model = await _load(str(path))
-    row = await run_in_threadpool(register, runtime.sessions, model, body.activate)
-    if body.activate:
-        runtime.tagging.switch(model)
-    return _out(row)
+    path = model_folder(body.path, runtime.settings.models_dir or default_models_dir())
+    return _out(await registry.add_version(session, runtime.tagging, path=path, activate=body.activate))
 
 
 @admin.post("/models/{model_id}/activate", response_model=ModelVersionOut)
-async def activate(model_id: ModelId, runtime: RuntimeDep):
+async def activate(model_id: ModelId, runtime: RuntimeDep, session: SessionDep):
     """Serve a registered version again: this is also how to roll back."""
-    def find():
-        with runtime.sessions() as session:
-            return repositories.get_model(session, model_id=model_id)
-
-    row = await run_in_threadpool(find)
-    if row is None:
-        raise ApiError(404, "model_not_found", f"no model version with id {model_id}")
-    model = await _load(row.path)
-
-    def mark():
-        with runtime.sessions() as session:
-            return repositories.activate_model(session, model_id=model_id)
-
-    row = await run_in_threadpool(mark)
-    runtime.tagging.switch(model)
-    return _out(row)
+    return _out(await registry.activate_version(session, runtime.tagging, model_id=model_id))
