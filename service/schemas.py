@@ -4,6 +4,7 @@ from __future__ import annotations
 import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic.json_schema import JsonDict
 
 
 class Strict(BaseModel):
@@ -15,7 +16,7 @@ class Strict(BaseModel):
 _ALLOWED = "[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]"
 TEXT_PATTERN = f"^{_ALLOWED}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_ALLOWED}*$"
 # (the length limits are settings, MAX_TEXT_CHARS and MAX_BATCH_TEXTS, answered with 413 / 422)
-_TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": TEXT_PATTERN}
+_TEXT_SCHEMA: JsonDict = {"type": "string", "minLength": 1, "pattern": TEXT_PATTERN}
 
 
 class TagRequest(Strict):

@@ -114,7 +114,8 @@ class Tokenizer:
         """Tokens split into sentences by the rule-based sentencizer; offsets refer to the whole text.
         A chunk's first sentence continues the previous chunk's last one unless that one ended with
         a sentence-final punctuation token (the sentencizer's own rule)."""
-        punct = self.nlp.get_pipe("sentencizer").punct_chars
+        sentencizer: Any = self.nlp.get_pipe("sentencizer")
+        punct = sentencizer.punct_chars
         out: list[list[Token]] = []
         for doc, base, inserted in self._chunk_docs(text, sentences=True):
             continues = bool(out) and out[-1][-1].text not in punct

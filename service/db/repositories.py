@@ -6,10 +6,11 @@ import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy import text as sql_text
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -256,6 +257,10 @@ def annotation_entities(annotation: Annotation) -> list[dict[str, Any]]:
 # retention and erasure: what `ner db purge` and DELETE /documents/{id} remove
 
 
+def _rowcount(result: Result[Any]) -> int:
+    return cast("CursorResult[Any]", result).rowcount
+
+
 @dataclass
 class Removed:
     documents: int = 0
@@ -275,13 +280,13 @@ def purge(session: Session, *, retention_days: float | None, idempotency_ttl: dt
     removed = Removed()
     if retention_days is not None:
         cutoff = now - dt.timedelta(days=retention_days)
-        removed.predictions = session.execute(delete(Prediction).where(Prediction.created_at < cutoff)).rowcount
+        removed.predictions = _rowcount(session.execute(delete(Prediction).where(Prediction.created_at < cutoff)))
         corrected = select(Annotation.document_id)
         uncorrected_old = delete(Document).where(Document.created_at < cutoff, Document.id.not_in(corrected))
         # their remaining (younger) predictions go with them (ON DELETE CASCADE)
-        removed.documents = session.execute(uncorrected_old).rowcount
+        removed.documents = _rowcount(session.execute(uncorrected_old))
     expired = update(Annotation).where(Annotation.idempotency_key.is_not(None), Annotation.created_at < now - idempotency_ttl).values(idempotency_key=None)
-    removed.idempotency_keys = session.execute(expired).rowcount
+    removed.idempotency_keys = _rowcount(session.execute(expired))
     session.commit()
     return removed
 
@@ -301,6 +306,6 @@ def erase_document(session: Session, *, document_id: uuid.UUID) -> Removed | Non
     # PRAGMA foreign_keys would silently keep the children)
     session.execute(delete(Annotation).where(Annotation.document_id.in_(copies)))
     session.execute(delete(Prediction).where(Prediction.document_id.in_(copies)))
-    removed.documents = session.execute(delete(Document).where(Document.text_sha256 == document.text_sha256)).rowcount
+    removed.documents = _rowcount(session.execute(delete(Document).where(Document.text_sha256 == document.text_sha256)))
     session.commit()
     return removed

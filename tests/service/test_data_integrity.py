@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+from typing import Any
 
 import httpx
 import pytest
@@ -222,7 +223,8 @@ def test_export_holds_no_connection_between_pages(sqlite_url, small_model_dir):
             rows = repositories.iter_annotations(session, batch=2)
             seen = [next(rows).document.text]
             # a reader that stops here holds nothing: no transaction, no checked-out connection
-            assert not session.in_transaction() and engine.pool.checkedout() == 0
+            pool: Any = engine.pool  # a QueuePool for a SQLite file
+            assert not session.in_transaction() and pool.checkedout() == 0
             seen += [a.document.text for a in rows]
         assert seen == [f"Tom number {i} left ." for i in range(5)]
     finally:

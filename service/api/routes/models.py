@@ -10,8 +10,8 @@ from service import registry
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key, require_api_key
 from service.db import repositories
 from service.db.models import ModelVersion
-from service.security import default_models_dir, model_folder
 from service.schemas import ModelInfo, ModelVersionOut, RegisterModel
+from service.security import default_models_dir, model_folder
 
 router = APIRouter(tags=["models"])
 
