@@ -19,12 +19,17 @@ from service.schemas import EntityIn, FeedbackRequest
 from service.tagging import ServedModel, check_text
 
 
+def accepted_labels(model: ServedModel, settings: Settings) -> list[str]:
+    """The labels a correction may use: the model's, then EXTRA_LABELS (new entity types)."""
+    return list(model.labels) + [x for x in settings.extra_labels if x not in model.labels]
+
+
 def validate_entities(entities: list[EntityIn], text: str, *, allow_partial: bool, model: ServedModel, settings: Settings) -> list[dict]:
     """Spans inside the text, known labels, no overlaps, on token boundaries (or widened to them
     when both the server and the request allow it). Returns the spans to store, sorted."""
     if len(entities) > settings.max_entities:
         raise ApiError(422, "too_many_entities", f"{len(entities)} entities; the limit is {settings.max_entities}")
-    known = set(model.labels) | set(settings.extra_labels)
+    known = set(accepted_labels(model, settings))
     spans = []
     for index, e in enumerate(entities):
         where = f"entities[{index}] [{e.start}, {e.end})"

@@ -16,6 +16,7 @@ from service.api import errors, openapi
 from service.api.deps import Runtime, require_probe_key
 from service.api.routes import annotations as annotation_routes
 from service.api.routes import documents, feedback, health, models, tag
+from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
 from service.db.writer import prediction_writer
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    app.include_router(annotate_page)
     for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, health.router):
         app.include_router(router)
     openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
