@@ -102,7 +102,7 @@ def _check(ring: KeyRing, role: str, given: list[str]) -> None:
     """Every key presented must be valid (a wrong one is never outvoted by a right one), and one of
     them must have ``role``."""
     if not given:
-        raise ApiError(401, "unauthorized", "missing API key: send X-API-Key (or Authorization: Bearer)", {"WWW-Authenticate": "ApiKey"})
+        raise ApiError(401, "unauthorized", "missing X-API-Key header (or Authorization: Bearer)", {"WWW-Authenticate": "ApiKey"})
     granted: set[str] = set()
     for key in given:
         roles = ring.roles_of(key)
@@ -130,7 +130,7 @@ async def require_probe_key(
         return
     given = _given_keys(x_api_key, bearer=bearer)
     if not given:
-        raise ApiError(401, "unauthorized", "missing API key: send X-API-Key (or Authorization: Bearer)", {"WWW-Authenticate": "ApiKey"})
+        raise ApiError(401, "unauthorized", "missing X-API-Key header (or Authorization: Bearer)", {"WWW-Authenticate": "ApiKey"})
     if any(ring.roles_of(key) is None for key in given):
         raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "ApiKey"})
 
