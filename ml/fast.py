@@ -25,6 +25,7 @@ Shapes: N tokens of a batch, S sentences, F feature width, K tags, H hidden size
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -52,7 +53,9 @@ class FeatureCache:
     """Token string -> its feature row (word embedding, character features, casing embedding).
 
     Rows live in one float32 matrix; when ``capacity`` distinct strings have been seen the cache
-    starts over (frequent words come back at once), so memory stays at capacity x F x 4 bytes."""
+    starts over (frequent words come back at once), so memory stays at capacity x F x 4 bytes.
+    ``gather`` is safe to call from several threads (the service tags in two lanes): a lock covers
+    the lookup and the copy out of the matrix, so a row is never reused while it is being read."""
 
     def __init__(self, model: Any, vocab: Vocabularies, max_word_length: int, capacity: int = 50_000):
         if capacity < 1:
@@ -69,9 +72,17 @@ class FeatureCache:
         self.width += self.cases.shape[1] if self.cases is not None else 0
         self.rows: dict[str, int] = {}
         self.matrix = np.zeros((min(capacity, 1024), self.width), dtype=np.float32)
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
-        self.rows = {}
+        with self._lock:
+            self.rows = {}
+
+    def gather(self, tokens: Sequence[str]) -> np.ndarray:
+        """The feature rows (N, F) of a flat token list, a copy."""
+        with self._lock:
+            index = self.lookup(tokens)  # first: it may grow or replace the matrix
+            return self.matrix[index]
 
     def warm(self, count: int) -> None:
         """Compute the features of the ``count`` most frequent training words ahead of time: word
@@ -80,7 +91,7 @@ class FeatureCache:
         keys = [k for k in self.vocab.words.itos[2 : 2 + count] if not any(ch.isdigit() for ch in k)]
         tokens = list(dict.fromkeys(keys + [k.capitalize() for k in keys]))[: self.capacity]
         for lo in range(0, len(tokens), 2048):
-            self.lookup(tokens[lo : lo + 2048])
+            self.gather(tokens[lo : lo + 2048])
 
     def compute(self, tokens: Sequence[str]) -> np.ndarray:
         """Features of distinct, non-empty token strings (M, F), as ``Tagger.encode`` builds them
@@ -104,7 +115,8 @@ class FeatureCache:
         return np.concatenate(parts, 1)
 
     def lookup(self, tokens: Sequence[str]) -> np.ndarray:
-        """Row indices (N,) into ``self.matrix`` for a flat token list; computes the misses."""
+        """Row indices (N,) into ``self.matrix`` for a flat token list; computes the misses. Not
+        thread-safe on its own: ``gather`` holds the lock around it."""
         rows = self.rows
         missing = list({t: None for t in tokens if t not in rows})
         if missing:
@@ -222,7 +234,7 @@ class FastTagger:
         of the recurrence's time). In a batch of one, packed order is token order."""
         assert self.single is not None
         steps = len(tokens)
-        x = self.features.matrix[self.features.lookup(tokens)]  # (T, F)
+        x = self.features.gather(tokens)  # (T, F)
         emissions = (self.single(x) @ self.projection_np + self.projection_bias_np).astype(np.float64)  # (T, K)
         if self.crf is not None:
             tags = self.crf.decode_one(emissions)
@@ -247,9 +259,9 @@ class FastTagger:
         sentence = np.repeat(np.arange(len(order)), lengths)
         step = np.arange(n_tokens) - np.repeat(starts, lengths)
         packed_index = offsets[step] + sentence  # (N,) packed position of each flat token
-        rows = np.empty(n_tokens, dtype=np.int64)
-        rows[packed_index] = self.features.lookup(flat)
-        x = torch.from_numpy(self.features.matrix[rows])  # (N, F) packed, time-major
+        features = np.empty((n_tokens, self.features.width), dtype=np.float32)
+        features[packed_index] = self.features.gather(flat)
+        x = torch.from_numpy(features)  # (N, F) packed, time-major
         packed = nn.utils.rnn.PackedSequence(x, torch.from_numpy(batch_sizes))
         out = self.rnn(packed)[0].data.numpy()  # (N, D*H)
         emissions = (out @ self.projection_np + self.projection_bias_np).astype(np.float64)  # (N, K)

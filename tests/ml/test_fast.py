@@ -2,6 +2,8 @@
 within 1e-5 of the model run in float64, batched equal to one by one, for every configuration."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -117,14 +119,40 @@ def test_feature_cache_starts_over_when_full_with_the_same_features(small_model_
     fast = FastTagger(model, vocab, 30, cache_size=5, warm_words=0)
     cache = fast.features
     words = ["Tom", "visited", "Paris", ".", "Anna", "met", "Olga"]
-    first = cache.matrix[cache.lookup(words[:4])].copy()
+    first = cache.gather(words[:4])
     assert len(cache.rows) == 4
-    cache.lookup(words[4:])  # 4 + 3 > 5: starts over with the three new words
+    cache.gather(words[4:])  # 4 + 3 > 5: starts over with the three new words
     assert sorted(cache.rows) == sorted(words[4:])
-    again = cache.matrix[cache.lookup(words[:4])]
-    np.testing.assert_allclose(again, first, atol=1e-6)
-    wide = cache.lookup(words)  # more distinct words than the whole cache: computed, not cached
-    np.testing.assert_allclose(cache.matrix[wide][:4], first, atol=1e-6)
+    np.testing.assert_allclose(cache.gather(words[:4]), first, atol=1e-6)
+    wide = cache.gather(words)  # more distinct words than the whole cache: computed, not cached
+    np.testing.assert_allclose(wide[:4], first, atol=1e-6)
+
+
+def test_two_threads_tagging_at_once_get_their_own_results(small_model_dir, corpus):
+    # the service tags in two lanes, each in its own thread, through one FastTagger; a small cache
+    # starts over again and again while the other thread reads from it
+    model, _, vocab = random_model(small_model_dir)
+    fast = FastTagger(model, vocab, 30, cache_size=12, warm_words=0)
+    sentences = [s.tokens for s in corpus[:40]] + SENTENCES
+    expected = [(t.tolist(), p.tolist()) for t, p in zip(*FastTagger(model, vocab, 30, warm_words=0)(sentences), strict=True)]
+    failures: list[str] = []
+
+    def work(offset: int) -> None:
+        for round_ in range(15):
+            for i in range(offset, len(sentences), 2):
+                batch = sentences[i : i + 3] if round_ % 2 else sentences[i : i + 1]
+                got = fast(batch)
+                for j, (tags, probs) in enumerate(zip(got.tags, got.scores, strict=True)):
+                    want_tags, want_probs = expected[i + j]
+                    if tags.tolist() != want_tags or not np.allclose(probs, want_probs, atol=1e-5):
+                        failures.append(f"sentence {i + j}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]
 
 
 def test_an_empty_token_is_refused(small_model_dir):
