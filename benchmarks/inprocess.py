@@ -8,8 +8,8 @@ side): ours through ``Predictor.predict``, spaCy through ``nlp.pipe`` over ``Doc
 words. The spaCy peer is the stock ``spacy init config --pipeline ner --optimize efficiency``
 architecture with the four CoNLL labels and randomly initialised weights (which run at the speed of
 trained ones). Prints a Markdown table: tokens/s at batch 128 on ``--threads`` threads (min-max over
-``--repeats`` runs) and the p50/p90 of one sentence of 12-20 tokens at a time on one thread, with the
-ratio to spaCy. Nothing here is a test: numbers depend on the machine and what else runs on it.
+``--repeats`` runs) and the p50/p90 of one sentence of 12-20 tokens at a time on one thread (on a
+freshly loaded predictor, so that no cache holds the words of the batch run), with the ratio to spaCy. Nothing here is a test: numbers depend on the machine and what else runs on it.
 """
 
 from __future__ import annotations
