@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         for backend in args.backend or ["script"]:
             predictor = Predictor.load(folder, backend=backend)
             meta = predictor.loaded.meta if predictor.loaded else None
-            name = f"{meta.name} {meta.version} ({backend})" if meta else f"{folder} ({backend})"
+            path = "ml.fast" if getattr(predictor, "fast", None) is not None else f"{backend} backend"
+            name = f"{meta.name} {meta.version} ({path})" if meta else f"{folder} ({path})"
 
             def fresh(folder=folder, backend=backend):
                 # one sentence on a freshly loaded predictor: any cache it keeps starts as after
