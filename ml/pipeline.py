@@ -45,11 +45,12 @@ class TextTagger:
 
     def tag(self, texts: Sequence[str], batch_size: int = 64) -> list[TextResult]:
         per_text = self.tokenizer.pipe_sentences(texts)
-        flat = [sent for sents in per_text for sent in sents]
-        predictions = self.predictor.predict([[t.text for t in s] for s in flat], batch_size) if flat else []
+        # the sentences of one text are tagged together (document context, ml.windows)
+        grouped = self.predictor.predict_texts([[[t.text for t in s] for s in sents] for sents in per_text], batch_size)
+        predictions = [p for text in grouped for p in text]
         results: list[TextResult] = []
         k = 0
-        for text, sents in zip(texts, per_text):
+        for text, sents in zip(texts, per_text, strict=True):
             entities: list[Entity] = []
             tokens: list[TokenTag] = []
             for sent in sents:
@@ -59,6 +60,6 @@ class TextTagger:
                     start, end = sent[span.start].start, sent[span.end - 1].end
                     entities.append(Entity(start, end, span.label, text[start:end], span.score))
                 iob = spans_to_tags([Span(s.start, s.end, s.label) for s in pred.spans], len(sent), "iob2")
-                tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores))
+                tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores, strict=True))
             results.append(TextResult(entities, tokens, len(sents)))
         return results

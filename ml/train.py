@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ml import word_tuning
 from ml.artifact import ModelMeta, build_model, entity_types, save_model
 from ml.config import Config
 from ml.data import Sentence
@@ -31,7 +32,8 @@ from ml.evaluate import Scores
 from ml.labels import spans_to_tags, tag_set
 from ml.model import Tagger
 from ml.predictor import Predictor, evaluate
-from ml.vocab import Vocabularies
+from ml.vocab import Vocabularies, word_key
+from ml.windows import training_windows
 
 
 @dataclass
@@ -175,6 +177,8 @@ def train(
             log(f"pretrained {tc.pretrained}: {covered} of {len(vocab.words)} word keys initialised")
     if tc.freeze_embeddings:
         model.word_embedding.weight.requires_grad_(False)
+    else:  # only training words get gradients: train a correction of their rows (ml.word_tuning)
+        word_tuning.attach(model, 2 + len({word_key(t) for s in train_data for t in s.tokens}))
     model.to(device)
     objective: nn.Module = Objective(model, mc.lm_weight)
     if dist.active:
@@ -182,18 +186,21 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    elif tc.optimizer == "nadam":
+        optimizer = torch.optim.NAdam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     else:
         optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + tc.lr_decay * epoch))
-    tag_lists = [spans_to_tags(s.spans, len(s.tokens), mc.tag_scheme) for s in train_data]
-    predictor = Predictor(model, vocab, mc.max_word_length, device)
+    sequences = training_windows(train_data, mc.window_tokens, mc.context == "document")  # what one forward pass sees
+    tag_lists = [spans_to_tags(s.spans, len(s.tokens), mc.tag_scheme) for s in sequences]
+    predictor = Predictor(model, vocab, mc.max_word_length, device, window_tokens=mc.window_tokens, document=mc.context == "document")
     rng = random.Random(tc.seed)
     lm_size = min(mc.lm_vocab, len(vocab.words)) if mc.lm_weight else 0
     if dist.rank == 0:
         n_params = sum(p.numel() for p in params)
         log(
             f"training {mc.cell} ({'bi' if mc.bidirectional else 'uni'}directional, {mc.num_layers} layer(s), {mc.backend}) + {mc.head} "
-            f"on {len(train_data)} sentences, dev {len(dev_data)}, {len(vocab.words)} word keys, {len(vocab.tags)} tags, "
+            f"on {len(train_data)} sentences ({len(sequences)} windows), dev {len(dev_data)}, {len(vocab.words)} word keys, {len(vocab.tags)} tags, "
             f"{n_params} trainable parameters, device {device}, {dist.world} process(es)"
         )
 
@@ -202,7 +209,7 @@ def train(
     for epoch in range(1, tc.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
-        batches = make_batches(train_data, tc.batch_size, rng)
+        batches = make_batches(sequences, tc.batch_size, rng)
         if dist.active:
             per_rank = math.ceil(len(batches) / dist.world)
             batches = (batches + batches[: per_rank * dist.world - len(batches)])[dist.rank :: dist.world]
@@ -213,7 +220,7 @@ def train(
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, dynamic_ncols=True)
         total_loss, total_tokens = 0.0, 0
         for indices in batches:
-            batch: Batch = tensorize([train_data[i].tokens for i in indices], vocab, mc.max_word_length, [tag_lists[i] for i in indices], lm_size).to(device)
+            batch: Batch = tensorize([sequences[i].tokens for i in indices], vocab, mc.max_word_length, [tag_lists[i] for i in indices], lm_size).to(device)
             loss = objective(*batch.inputs, batch.tags, batch.lm_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -259,6 +266,7 @@ def train(
     if dist.rank == 0:
         assert best_state is not None
         model.load_state_dict(best_state)
+        word_tuning.merge(model)
         model.eval()
         if out is not None:
             # save first (rounds the embedding to its stored precision), then measure what was saved
@@ -266,7 +274,8 @@ def train(
             meta.lineage.setdefault("train_sentences", len(train_data))
             meta.lineage.setdefault("train_fingerprint", data_fingerprint(train_data))
             meta.lineage.setdefault("dev_fingerprint", data_fingerprint(dev_data))
-            save_model(out, model, config, vocab, meta, {})
+            saved = config.override([f"model.backend='{tc.save_backend}'"]) if tc.save_backend else config
+            save_model(out, model, saved, vocab, meta, {})
             result.path = Path(out)
         result.dev = evaluate(predictor, dev_data, tc.eval_batch_size)
         result.seconds = time.perf_counter() - started
