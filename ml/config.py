@@ -100,6 +100,7 @@ class TrainConfig:
     max_train_sentences: int = 0  # 0 = all; otherwise the first N (quick runs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    fit_dev: bool = False  # train on train + dev for exactly train.epochs epochs, keep the last (dev selects nothing)
     save_backend: str = ""  # recurrence backend written into the saved model ("" = model.backend); weights load into both
     feedback_weight: int = 1  # times each stored correction is repeated in the training data
 

@@ -33,7 +33,7 @@ from ml.labels import spans_to_tags, tag_set
 from ml.model import Tagger
 from ml.predictor import Predictor, evaluate
 from ml.vocab import Vocabularies, word_key
-from ml.windows import training_windows
+from ml.windows import training_windows, with_dev
 
 
 @dataclass
@@ -168,6 +168,8 @@ def train(
         train_data = list(train_data)[: tc.max_train_sentences]
     if not train_data or not dev_data:
         raise ValueError("training needs non-empty train and dev data")
+    if tc.fit_dev:  # the final fit: dev joins the training data, the last epoch is kept (ml.windows keeps documents apart)
+        train_data = with_dev(train_data, dev_data)
 
     vocab, vectors = build_vocab(config, train_data)
     model = build_model(config, vocab, generator=torch.Generator().manual_seed(tc.seed))
@@ -247,8 +249,8 @@ def train(
             n_sent = sum(len(b) for b in batches)
             history.append(EpochLog(epoch, total_loss / max(n_sent, 1), lr, total_tokens * dist.world / seconds, dev_f1, seconds))
             improved = dev_f1 > best_f1
-            if improved:
-                best_f1, best_epoch, stale = dev_f1, epoch, 0
+            if improved or tc.fit_dev:
+                best_f1, best_epoch, stale = max(dev_f1, best_f1), epoch, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             else:
                 stale += 1

@@ -175,3 +175,12 @@ def training_windows(sentences: Sequence, max_tokens: int, document: bool) -> li
                     spans.append(Span(start - p.start + p.offset, end - p.start + p.offset, e.label))
         out.append(Sentence(tokens, spans, doc_id=flat[w.pieces[0].sentence].doc_id))
     return out
+
+
+def with_dev(train: Sequence, dev: Sequence) -> list:
+    """Training sentences followed by the dev sentences, the dev documents numbered after the
+    training ones (so no window joins a training document and a dev document)."""
+    import dataclasses
+
+    offset = 1 + max((s.doc_id for s in train if s.doc_id is not None), default=-1)
+    return list(train) + [dataclasses.replace(s, doc_id=None if s.doc_id is None else s.doc_id + offset) for s in dev]

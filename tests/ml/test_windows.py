@@ -194,3 +194,15 @@ def test_word_correction_trains_only_training_rows_and_merges_exactly():
     assert torch.equal(weight[5:], before[5:])  # pretrained-only rows untouched
     assert torch.equal(weight[0], before[0])  # padding row untouched
     assert not torch.allclose(weight[1], before[1]) and not torch.allclose(weight[4], before[4])
+
+
+def test_final_fit_on_train_plus_dev_keeps_the_last_epoch_and_separates_documents(corpus):
+    from ml.train import train
+    from ml.windows import with_dev
+    from tests.conftest import small_config
+
+    a = [Sentence(["x"], doc_id=0), Sentence(["y"], doc_id=1)]
+    b = [Sentence(["z"], doc_id=0), Sentence(["w"], doc_id=None)]
+    assert [s.doc_id for s in with_dev(a, b)] == [0, 1, 2, None]
+    result = train(small_config(train__fit_dev=True, train__epochs=3), corpus[:40], corpus[40:], None, progress=False, log=lambda m: None)
+    assert result.best_epoch == 3 and len(result.history) == 3
