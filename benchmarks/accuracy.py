@@ -98,7 +98,7 @@ def score(folder: Path, data: Path) -> dict:
     from ml.predictor import Predictor, evaluate
 
     torch.set_num_threads(1)
-    predictor = Predictor.load(folder)
+    predictor = Predictor.load(folder, backend="script")  # as served, whatever trained it
     out: dict = {}
     for split, path in (("dev", data / "dev.txt"), ("test_orig", data / "test.orig.txt"), ("test_conllpp", data / "test.txt"), ("wikigold", wikigold_path(data))):
         sentences = read_corpus(path)

@@ -61,11 +61,11 @@ class Predictor:
         self.scheme = loaded.config.model.tag_scheme if loaded is not None else _scheme_of(vocab)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True) -> Predictor:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: str | None = None) -> Predictor:
         """Load a model folder for inference. With ``script`` (and the scripted recurrence) the whole
         Tagger is compiled with TorchScript, so the CRF's loops run without the Python interpreter
-        too (see README, Performance)."""
-        loaded = load_model(path, device)
+        too (see README, Performance). ``backend`` overrides the folder's recurrence backend."""
+        loaded = load_model(path, device, backend)
         model = loaded.model
         mc = loaded.config.model
         if script and mc.backend == "script":
