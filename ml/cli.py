@@ -142,12 +142,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         sentences = read_conll(args.input)
         results = predictor.predict([s.tokens for s in sentences])
-        tagged = [Sentence(s.tokens, [Span(p.start, p.end, p.label) for p in r.spans], doc_id=s.doc_id) for s, r in zip(sentences, results)]
+        tagged = [Sentence(s.tokens, [Span(p.start, p.end, p.label) for p in r.spans], doc_id=s.doc_id) for s, r in zip(sentences, results, strict=True)]
     else:
         texts = [args.text] if args.text is not None else _read_texts(Path(args.input), fmt)
         lines = [
             json.dumps({"text": text, "entities": [e.__dict__ for e in result.entities]}, ensure_ascii=False) + "\n"
-            for text, result in zip(texts, TextTagger(predictor).tag(texts))
+            for text, result in zip(texts, TextTagger(predictor).tag(texts), strict=True)
         ]
     with (open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)) as out:
         if fmt == "conll":

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from ml.artifact import LoadedModel, entity_types, load_model
-from ml.data import Sentence
+from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
 from ml.labels import Span, spans_to_tags
@@ -42,7 +42,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: Tagger,
+        model: Union[Tagger, torch.jit.ScriptModule],
         vocab: Vocabularies,
         max_word_length: int,
         device: str | torch.device = "cpu",
@@ -66,7 +66,7 @@ class Predictor:
         Tagger is compiled with TorchScript, so the CRF's loops run without the Python interpreter
         too (see README, Performance). ``backend`` overrides the folder's recurrence backend."""
         loaded = load_model(path, device, backend)
-        model = loaded.model
+        model: Union[Tagger, torch.jit.ScriptModule] = loaded.model
         mc = loaded.config.model
         if script and mc.backend == "script":
             model = torch.jit.script(model)
@@ -130,10 +130,10 @@ def _scheme_of(vocab: Vocabularies) -> str:
     return "bioes" if any(t[:2] in ("E-", "S-") for t in vocab.tags.itos) else "iob2"
 
 
-def evaluate(predictor: Predictor, sentences: Sequence[Sentence], batch_size: int = 256) -> Scores:
+def evaluate(predictor: Predictor, sentences: Sequence[Example], batch_size: int = 256) -> Scores:
     """Entity-level scores of the predictor on gold sentences, plus token and sentence counts.
     Consecutive sentences of one document (``doc_id``) are tagged as one text."""
-    groups = group_texts([s.doc_id for s in sentences])
+    groups = group_texts([getattr(s, "doc_id", None) for s in sentences])
     results = [r for text in predictor.predict_texts([[sentences[i].tokens for i in g] for g in groups], batch_size) for r in text]
     scores = entity_scores([s.spans for s in sentences], [[Span(p.start, p.end, p.label) for p in r.spans] for r in results])
     scores.tokens = sum(len(s.tokens) for s in sentences)

@@ -160,7 +160,7 @@ def training_windows(sentences: Sequence, max_tokens: int, document: bool) -> li
     shifted into the window (an entity cut by a sentence split is clipped to the window)."""
     from ml.data import Sentence
 
-    groups = group_texts([s.doc_id for s in sentences])
+    groups = group_texts([getattr(s, "doc_id", None) for s in sentences])
     flat = [sentences[i] for g in groups for i in g]
     out = []
     for w in plan([[len(sentences[i].tokens) for i in g] for g in groups], max_tokens, document):
@@ -173,7 +173,7 @@ def training_windows(sentences: Sequence, max_tokens: int, document: bool) -> li
                 start, end = max(e.start, p.start), min(e.end, p.end)
                 if start < end:
                     spans.append(Span(start - p.start + p.offset, end - p.start + p.offset, e.label))
-        out.append(Sentence(tokens, spans, doc_id=flat[w.pieces[0].sentence].doc_id))
+        out.append(Sentence(tokens, spans, doc_id=getattr(flat[w.pieces[0].sentence], "doc_id", None)))
     return out
 
 
@@ -182,5 +182,5 @@ def with_dev(train: Sequence, dev: Sequence) -> list:
     training ones (so no window joins a training document and a dev document)."""
     import dataclasses
 
-    offset = 1 + max((s.doc_id for s in train if s.doc_id is not None), default=-1)
-    return list(train) + [dataclasses.replace(s, doc_id=None if s.doc_id is None else s.doc_id + offset) for s in dev]
+    offset = 1 + max((s.doc_id for s in train if getattr(s, "doc_id", None) is not None), default=-1)
+    return list(train) + [s if getattr(s, "doc_id", None) is None else dataclasses.replace(s, doc_id=s.doc_id + offset) for s in dev]

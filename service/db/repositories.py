@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -184,3 +184,15 @@ def find_model(session: Session, *, name: str, version: str) -> ModelVersion | N
 
 def annotation_entities(annotation: Annotation) -> list[dict[str, Any]]:
     return [{"start": e["start"], "end": e["end"], "label": e["label"]} for e in annotation.entities]
+
+
+def count_accepted_annotations(session: Session) -> int:
+    """Texts with an accepted correction (superseded ones are not counted again)."""
+    return session.scalar(select(func.count()).select_from(Annotation).where(Annotation.status == "accepted")) or 0
+
+
+def count_queue(session: Session) -> int:
+    """How many stored predictions ``least_confident`` could still hand out."""
+    corrected = select(Annotation.document_id)
+    query = select(func.count()).select_from(Prediction).join(Document).where(Document.text.is_not(None), Prediction.document_id.not_in(corrected))
+    return session.scalar(query) or 0
