@@ -50,7 +50,7 @@ def main() -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         baseline = args.baseline or extract(args.baseline_ref, Path(tmp) / "baseline")
-        models = {"baseline": Predictor.load(baseline), "model": Predictor.load(args.model)}
+        models = {"baseline": Predictor.load(baseline, backend="script"), "model": Predictor.load(args.model, backend="script")}  # as served
         sentences = read_corpus(args.data)
         texts = [[sentences[i].tokens for i in grp] for grp in group_texts([s.doc_id for s in sentences])]
         tokens = sum(len(s.tokens) for s in sentences)
