@@ -21,13 +21,19 @@ def test_server_keeps_answering_while_the_worst_texts_are_tagged(sqlite_url, sma
     with LiveServer(make_settings(sqlite_url, small_model_dir)) as server:
         finished: list[float] = []
         errors: list[str] = []
+        done = threading.Event()
 
         def attack(text: str) -> None:
+            # again and again until the small request is answered (one pass alone can end before it
+            # is sent now that the CPU path tags 50,000 characters in a fraction of a second)
             try:
                 with httpx.Client(base_url=server.url, timeout=600) as c:
-                    r = c.post("/tag", json={"text": text, "store": False})
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:200]}")
+                    for _ in range(200):
+                        r = c.post("/tag", json={"text": text, "store": False})
+                        if r.status_code != 200:
+                            errors.append(f"{r.status_code} {r.text[:200]}")
+                        if done.is_set():
+                            break
             finally:
                 finished.append(time.monotonic())
 
@@ -46,6 +52,7 @@ def test_server_keeps_answering_while_the_worst_texts_are_tagged(sqlite_url, sma
             assert r.status_code == 200
             answered = time.monotonic()
             in_flight = sum(t.is_alive() for t in attackers)
+            done.set()
         for t in attackers:
             t.join(600)
         assert not errors, errors
