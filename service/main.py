@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from service import errors, metrics
 from service.api.deps import Runtime
-from service.api.routes import annotations, feedback, health, models, tag
+from service.api.routes import annotations, feedback, health, jobs, models, tag
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
 from service.middleware import BodyLimit, RequestMetrics
@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tagging = TaggingEngine(model, config).start()
         writer = prediction_writer(sessions, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
+        job_metrics = metrics.TrainingJobsCollector(sessions)
+        metrics.add_collector(job_metrics)
         # move everything built so far (torch, spaCy, the model) out of the garbage collector's
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
         gc.collect()
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 poller.cancel()
             tagging.close()
             writer.close()
+            metrics.remove_collector(job_metrics)
             engine.dispose()
             metrics.worker_exited()
 
@@ -60,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, health.router):
+    for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, jobs.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics)

@@ -31,7 +31,7 @@ def _summary(metrics_: dict) -> dict:
 
 
 def _out(row) -> ModelVersionOut:
-    return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {})
+    return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {}, promotion=row.promotion)
 
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])

@@ -1,0 +1,58 @@
+"""Retraining jobs: POST /admin/retrain records one (a trainer process, ``ner worker``, runs it;
+the API never trains), GET /admin/jobs and /admin/jobs/{id} show status, progress, log and result."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from ml.config import ConfigError
+from service.api.deps import RuntimeDep, SessionDep, require_admin_key
+from service.db import jobs as jobs_repo
+from service.db import repositories
+from service.db.models import TrainingJob
+from service.errors import ApiError
+from service.jobs import finetune_config
+from service.schemas import JobOut, RetrainRequest
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+
+
+def job_out(job: TrainingJob) -> JobOut:
+    return JobOut(
+        id=job.id, status=job.status, trigger=job.trigger, params=job.params or {}, base_model_id=job.base_model_id,
+        result_model_id=job.result_model_id, corrections=job.corrections, worker=job.worker, attempts=job.attempts,
+        progress=job.progress, log_tail=(job.log or "").splitlines(), metrics=job.metrics or {}, decision=job.decision,
+        error=job.error, created_at=job.created_at, started_at=job.started_at, heartbeat_at=job.heartbeat_at, finished_at=job.finished_at,
+    )
+
+
+@router.post("/retrain", response_model=JobOut, status_code=202)
+def retrain(body: RetrainRequest, session: SessionDep, runtime: RuntimeDep):
+    """Queue a fine-tuning job on the stored corrections. 202 with the job; a trainer takes it.
+    While a job is queued or running, the same request answers 200 with that job instead."""
+    try:
+        finetune_config({**runtime.settings.finetune, **body.finetune})
+    except ConfigError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+    if body.base_model_id is not None and repositories.get_model(session, model_id=body.base_model_id) is None:
+        raise ApiError(404, "model_not_found", f"no model version with id {body.base_model_id}")
+    if jobs_repo.count_corrections(session) == 0:
+        raise ApiError(422, "no_corrections", "there are no stored corrections to learn from: send some to POST /feedback first")
+    open_job = jobs_repo.open_job(session)
+    if open_job is not None:
+        return JSONResponse(job_out(open_job).model_dump(mode="json"), status_code=200)
+    params = {"finetune": body.finetune} if body.finetune else {}
+    return job_out(jobs_repo.create_job(session, trigger="api", params=params, base_model_id=body.base_model_id))
+
+
+@router.get("/jobs", response_model=list[JobOut])
+def list_jobs(session: SessionDep, limit: int = 50):
+    return [job_out(j) for j in jobs_repo.list_jobs(session, limit=max(1, min(limit, 500)))]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: int, session: SessionDep):
+    job = jobs_repo.get_job(session, job_id=job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no training job with id {job_id}")
+    return job_out(job)
