@@ -183,10 +183,11 @@ def job_stats(session: Session) -> JobStats:
 
 
 def heldout_f1_by_version(session: Session) -> list[tuple[str, str, float]]:
-    """(name, version, held-out F1) of every version whose metrics record one."""
+    """(name, version, held-out F1) of every registered version; NaN where none was measured (a
+    version registered by hand): the series exists, and graphs show a gap, not a made-up number."""
     out = []
     for name, version, metrics in session.execute(select(ModelVersion.name, ModelVersion.version, ModelVersion.metrics)).all():
         after = ((metrics or {}).get("heldout") or {}).get("after")
-        if isinstance(after, dict) and isinstance(after.get("f1"), (int, float)):
-            out.append((name, version, float(after["f1"])))
+        measured = isinstance(after, dict) and isinstance(after.get("f1"), (int, float))
+        out.append((name, version, float(after["f1"]) if measured else float("nan")))
     return out
