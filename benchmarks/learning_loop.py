@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
             env={**env, "NER_MODEL": args.model, "ADMIN_KEY": ADMIN_KEY, "MODEL_POLL_S": "1"},
         )
-        stack.callback(lambda: (server.terminate(), server.wait(30)))
+        stack.callback(server.wait, 30)
+        stack.callback(server.terminate)
         client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120))
         deadline = time.monotonic() + 180
         while True:

@@ -174,7 +174,8 @@ def to_sentences(corrections: Sequence[Correction], language: str) -> list[Sente
 
 
 def split_corrections(corrections: Sequence[Correction], every: int) -> tuple[list[Correction], list[Correction]]:
-    train, held = [], []
+    train: list[Correction] = []
+    held: list[Correction] = []
     for c in corrections:
         (held if is_held_out(c.key, every) else train).append(c)
     return train, held
@@ -368,7 +369,7 @@ def finetune(
             except (RuntimeError, FileNotFoundError) as e:
                 progress(0.0, f"pretrained vectors {source!r} not available ({e}); new words start as <unk>")
     elif pretrained:
-        vectors = pretrained  # type: ignore[assignment]
+        vectors = pretrained
     model, vocab, growth = grow(loaded, train_sents + held_sents + silver + base_train, vectors)
     progress(0.0, f"vocabulary +{len(growth.new_words)} word keys ({growth.pretrained_words} with pretrained vectors), +{len(growth.new_chars)} characters; new labels {growth.new_labels or 'none'}")
     base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items() if not k.endswith("_penalty")}
@@ -398,7 +399,8 @@ def finetune(
                 raise Cancelled("fine-tuning stopped on request")
             chunk = items[lo : lo + cfg.batch_size]
             batch = tensorize([s.tokens for s, _ in chunk], vocab, max_len, [t for _, t in chunk])
-            loss = model.loss(*batch.inputs, batch.tags)
+            assert batch.tags is not None
+            loss = model.loss(batch.words, batch.chars, batch.cases, batch.mask, batch.tags)
             if anchor:
                 loss = loss + cfg.l2_to_base * _l2_penalty(anchor)
             optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ import socket
 import threading
 import traceback
 import uuid
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -105,7 +106,7 @@ class Worker:
 
         heart = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         heart.start()
-        status, kwargs = jobs_repo.FAILED, {}
+        status, kwargs = jobs_repo.FAILED, dict[str, Any]()
         try:
             outcome = run_job(self.sessions, job, self.job_settings, tail, lambda: lost.is_set() or self.stopping.is_set())
             status = jobs_repo.SUCCEEDED

@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Annotation, Document, ModelVersion, TrainingJob, utcnow
@@ -43,6 +43,12 @@ def open_job(session: Session) -> TrainingJob | None:
     return session.scalars(select(TrainingJob).where(TrainingJob.status.in_(OPEN)).order_by(TrainingJob.id).limit(1)).first()
 
 
+def _rows(result) -> int:
+    """Rows an UPDATE matched (an UPDATE's result is a CursorResult)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
 def _claimable(stale_before: dt.datetime):
     return or_(TrainingJob.status == QUEUED, and_(TrainingJob.status == RUNNING, TrainingJob.heartbeat_at < stale_before))
 
@@ -68,12 +74,12 @@ def claim_job(session: Session, *, worker: str, stale_before: dt.datetime, max_a
             )
             session.commit()
             continue
-        won = session.execute(
+        won = _rows(session.execute(
             update(TrainingJob)
             .where(TrainingJob.id == job_id, _claimable(stale_before))
             .values(status=RUNNING, worker=worker, attempts=TrainingJob.attempts + 1, heartbeat_at=now, progress=0.0,
                     started_at=func.coalesce(TrainingJob.started_at, now))
-        ).rowcount
+        ))
         session.commit()
         if won == 1:
             job = session.get(TrainingJob, job_id)
@@ -85,11 +91,11 @@ def claim_job(session: Session, *, worker: str, stale_before: dt.datetime, max_a
 def heartbeat(session: Session, *, job_id: int, worker: str, progress: float, log: str) -> bool:
     """Record that ``worker`` is alive on the job; False when the job is no longer its own (it was
     taken over after a stale heartbeat): the worker must then stop."""
-    mine = session.execute(
+    mine = _rows(session.execute(
         update(TrainingJob)
         .where(TrainingJob.id == job_id, TrainingJob.worker == worker, TrainingJob.status == RUNNING)
         .values(heartbeat_at=utcnow(), progress=progress, log=log)
-    ).rowcount
+    ))
     session.commit()
     return mine == 1
 
@@ -103,19 +109,19 @@ def finish_job(
         values["progress"] = 1.0
     if metrics is not None:
         values["metrics"] = metrics
-    done = session.execute(
+    done = _rows(session.execute(
         update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.worker == worker, TrainingJob.status == RUNNING).values(**values)
-    ).rowcount
+    ))
     session.commit()
     return done == 1
 
 
 def requeue_job(session: Session, *, job_id: int, worker: str, log: str) -> bool:
     """Put a job this worker stops (shutdown) back in the queue; the attempt does not count."""
-    done = session.execute(
+    done = _rows(session.execute(
         update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.worker == worker, TrainingJob.status == RUNNING)
         .values(status=QUEUED, worker=None, attempts=TrainingJob.attempts - 1, log=log, heartbeat_at=None)
-    ).rowcount
+    ))
     session.commit()
     return done == 1
 
@@ -171,7 +177,7 @@ def job_stats(session: Session) -> JobStats:
     finished = session.execute(
         select(TrainingJob.started_at, TrainingJob.finished_at).where(TrainingJob.status.in_((SUCCEEDED, FAILED)), TrainingJob.started_at.is_not(None))
     ).all()
-    durations = [(_aware(end) - _aware(start)).total_seconds() for start, end in finished if end is not None]
+    durations = [(_aware(end) - _aware(start)).total_seconds() for start, end in finished if end is not None and start is not None]
     success = last_success(session)
     pending = count_corrections(session, since=success.created_at if success is not None else None)
     return JobStats(
@@ -187,7 +193,8 @@ def heldout_f1_by_version(session: Session) -> list[tuple[str, str, float]]:
     version registered by hand): the series exists, and graphs show a gap, not a made-up number."""
     out = []
     for name, version, metrics in session.execute(select(ModelVersion.name, ModelVersion.version, ModelVersion.metrics)).all():
-        after = ((metrics or {}).get("heldout") or {}).get("after")
-        measured = isinstance(after, dict) and isinstance(after.get("f1"), (int, float))
-        out.append((name, version, float(after["f1"]) if measured else float("nan")))
+        heldout = (metrics or {}).get("heldout") or {}
+        after = heldout.get("after") if isinstance(heldout, dict) else None
+        f1 = after.get("f1") if isinstance(after, dict) else None
+        out.append((name, version, float(f1) if isinstance(f1, (int, float)) else float("nan")))
     return out

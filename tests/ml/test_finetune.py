@@ -12,7 +12,7 @@ from ml.config import ConfigError
 from ml.data import Sentence
 from ml.finetune import Correction, FinetuneConfig, finetune, grow, is_held_out, promotion_decision, read_corrections, to_sentences
 from ml.labels import Span
-from ml.modules.crf import FORBIDDEN
+from ml.modules.crf import CRF, FORBIDDEN
 from ml.predictor import Predictor
 
 PRODUCTS = ["Zephyr X9", "Nimbus Pro", "Falcon 7", "Orion Max", "Vega S2"]
@@ -55,10 +55,12 @@ def test_a_new_label_gets_the_schemes_transition_constraints(small_model_dir):
     base = load_model(small_model_dir)
     model, vocab, _ = grow(base, [Sentence(["a", "Zephyr", "X9"], [Span(1, 3, "PRODUCT")])], None)
     assert vocab.tags.itos[len(base.vocab.tags):] == ["B-PRODUCT", "I-PRODUCT", "E-PRODUCT", "S-PRODUCT"]
-    idx, penalty = vocab.tags.stoi, model.head.transition_penalty
+    crf = model.head
+    assert isinstance(crf, CRF)
+    idx, penalty = vocab.tags.stoi, crf.get_buffer("transition_penalty")
     assert penalty[idx["O"], idx["I-PRODUCT"]] == FORBIDDEN and penalty[idx["B-PER"], idx["E-PRODUCT"]] == FORBIDDEN
     assert penalty[idx["B-PRODUCT"], idx["E-PRODUCT"]] == 0 and penalty[idx["S-PRODUCT"], idx["B-PER"]] == 0
-    assert model.head.start_penalty[idx["I-PRODUCT"]] == FORBIDDEN and model.head.end_penalty[idx["E-PRODUCT"]] == 0
+    assert crf.get_buffer("start_penalty")[idx["I-PRODUCT"]] == FORBIDDEN and crf.get_buffer("end_penalty")[idx["E-PRODUCT"]] == 0
 
 
 def test_held_out_split_is_by_document_stable_and_about_one_in_n():
@@ -73,7 +75,7 @@ def test_finetune_learns_a_new_label_and_records_before_after_and_lineage(small_
     path = tmp_path / "corrections.jsonl"
     with path.open("w") as f:
         for c in product_corrections():
-            f.write(json.dumps({"text": c.text, "entities": [{"start": s, "end": e, "label": l} for s, e, l in c.entities], "meta": {"document_id": c.key}}) + "\n")
+            f.write(json.dumps({"text": c.text, "entities": [{"start": s, "end": e, "label": label} for s, e, label in c.entities], "meta": {"document_id": c.key}}) + "\n")
     corrections = read_corrections(path)
     assert [c.key for c in corrections] == [c.key for c in product_corrections()]
     config = FinetuneConfig(epochs=25, lr=0.01, holdout_every=2, threads=1, l2_to_base=0.001)
