@@ -44,7 +44,6 @@ class MicroBatcher(Generic[T, R]):
         max_wait_ms: float,
         max_queue: int,
         name: str = "batcher",
-        on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ):
         self.process = process
@@ -52,7 +51,6 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.name = name
-        self.on_batch = on_batch
         self.on_depth = on_depth
         self._queue: deque[_Request[T]] = deque()
         self._pending = 0  # items queued, not yet taken by the worker
@@ -72,10 +70,6 @@ class MicroBatcher(Generic[T, R]):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    @property
-    def depth(self) -> int:
-        return self._pending
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         if not items:
@@ -134,12 +128,10 @@ class MicroBatcher(Generic[T, R]):
                 if len(results) != len(items):
                     raise RuntimeError(f"{self.name}: process returned {len(results)} results for {len(items)} items")
                 error: BaseException | None = None
-            except BaseException as e:  # handed to every waiting request
+            except BaseException as e:  # noqa: BLE001 -- not swallowed: _resolve raises it in every waiting request
                 results, error = [], e
             elapsed = time.perf_counter() - started
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
-            if self.on_batch:
-                self.on_batch(len(items), elapsed)
             offset = 0
             for request in taken:
                 n = len(request.items)

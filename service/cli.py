@@ -59,14 +59,12 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
     from service.exports import export_lines
 
     since = dt.datetime.fromisoformat(args.since) if args.since else None
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.UTC)
     engine = make_engine(args.annotations_from)
     try:
         check_schema(engine)
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f, make_sessionmaker(engine)() as session:
             count = 0
-            for line in export_lines(make_sessionmaker(engine), "jsonl", since):
+            for line in export_lines(session, "jsonl", since):
                 f.write(line)
                 count += 1
     finally:
@@ -99,9 +97,9 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
     try:
         check_schema(engine)
         sessions = make_sessionmaker(engine)
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f, sessions() as session:
             files.append(f.name)
-            count = sum(f.write(line) > 0 for line in export_lines(sessions, "jsonl", None))
+            count = sum(f.write(line) > 0 for line in export_lines(session, "jsonl", None))
         texts: list[str] = []
         if config.rehearsal_ratio > 0:
             with sessions() as session:

@@ -94,7 +94,3 @@ class Settings(BaseSettings):
         if self.queue_max_texts < self.max_batch_texts:
             raise ValueError("QUEUE_MAX_TEXTS must be at least MAX_BATCH_TEXTS, or a full request could never be queued")
         return self
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")

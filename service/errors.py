@@ -1,16 +1,13 @@
-"""One error shape for every failure: ``{"error": {"code", "message"}}`` (validation errors add
-``details``). Never an HTML page or a stack trace."""
+"""The service's errors, without FastAPI: every rule refuses a request by raising ``ApiError``
+(status, code, message); ``service.api.errors`` turns it into ``{"error": {"code", "message"}}``."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from service import metrics
 
-log = logging.getLogger("service.errors")
+# seconds a client waits before retrying after the database failed
+RETRY_AFTER_DATABASE = "5"
 
 
 class ApiError(Exception):
@@ -26,45 +23,9 @@ def error_body(code: str, message: str, details: Any = None) -> dict:
     return body
 
 
-def _clean(errors: list) -> list:
-    # drop echoed inputs (a rejected 1 MB text should not come back) and non-JSON context
-    out = []
-    for e in errors:
-        out.append({"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")})
-    return out
-
-
-def _summary(errors: list) -> str:
-    parts = []
-    for e in errors[:3]:
-        loc = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
-        parts.append(f"{loc}: {e['msg']}")
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return "; ".join(parts) + more
-
-
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
-
-
-def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        errors = _clean(exc.errors())
-        code = "invalid_json" if any(e["type"] == "json_invalid" for e in errors) else "invalid_request"
-        return JSONResponse(error_body(code, _summary(errors), errors), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 400 and message == "There was an error parsing the body":
-            message = "the request body could not be parsed (is it valid UTF-8 JSON?)"
-        return JSONResponse(error_body(_STATUS_CODES.get(exc.status_code, "http_error"), message), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error; the incident was logged"), status_code=500)
+def database_unavailable(error: BaseException, *, operation: str, message: str | None = None) -> ApiError:
+    """The 503 for a database operation that failed, counted under ``operation``; the default
+    message names the error's type (never its text, which may carry stored texts)."""
+    metrics.DB_ERRORS.labels(operation=operation).inc()
+    text = message if message is not None else f"the database is unavailable: {type(error).__name__}"
+    return ApiError(503, "database_unavailable", text, {"Retry-After": RETRY_AFTER_DATABASE})

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import jobs as jobs_repo
 from service.db import repositories
 from service.db.models import ModelVersion, TrainingJob
+from service.errors import ApiError
 
 LOG_TAIL = 60  # lines of a job's log kept in the database
 
@@ -56,6 +57,27 @@ def finetune_config(overrides: dict[str, Any]):
     from ml.finetune import FinetuneConfig
 
     return FinetuneConfig.from_dict(overrides, "fine-tuning settings")
+
+
+def request_retrain(session: Session, *, settings, base_model_id: int | None, finetune: dict[str, Any]) -> tuple[TrainingJob, bool]:
+    """POST /admin/retrain's rules: the settings must be valid, the base model must exist, there
+    must be corrections; a job already queued or running is returned instead of a second one.
+    Returns (job, created)."""
+    from ml.config import ConfigError
+
+    try:
+        finetune_config({**settings.finetune, **finetune})
+    except ConfigError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+    if base_model_id is not None and repositories.get_model(session, model_id=base_model_id) is None:
+        raise ApiError(404, "model_not_found", f"no model version with id {base_model_id}")
+    if jobs_repo.count_corrections(session) == 0:
+        raise ApiError(422, "no_corrections", "there are no stored corrections to learn from: send some to POST /feedback first")
+    open_job = jobs_repo.open_job(session)
+    if open_job is not None:
+        return open_job, False
+    params = {"finetune": finetune} if finetune else {}
+    return jobs_repo.create_job(session, trigger="api", params=params, base_model_id=base_model_id), True
 
 
 class LogTail:

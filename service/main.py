@@ -9,15 +9,19 @@ import logging
 
 import torch
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 
-from service import errors, metrics
+from service import metrics
+from service.api import errors
 from service.api.deps import Runtime
-from service.api.routes import annotations, feedback, health, jobs, models, tag
+from service.api.routes import annotations as annotation_routes
+from service.api.routes import feedback, health, jobs, models, tag
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
+from service.db.writer import prediction_writer
 from service.middleware import BodyLimit, RequestMetrics
 from service.registry import follow_active, initial_model
-from service.tagging import TaggingEngine, prediction_writer
+from service.tagging import ServedModel, TaggingEngine
 
 log = logging.getLogger("service")
 
@@ -33,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(upgrade, config.database_url)
         await asyncio.to_thread(check_schema, engine)
         sessions = make_sessionmaker(engine)
-        model = await asyncio.to_thread(initial_model, config, sessions)
+        model = await asyncio.to_thread(_initial_model, config, sessions)
         tagging = TaggingEngine(model, config).start()
         writer = prediction_writer(sessions, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
@@ -43,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
         gc.collect()
         gc.freeze()
-        poller = asyncio.create_task(follow_active(app.state.runtime, config.model_poll_s)) if config.model_poll_s > 0 else None
+        poller = asyncio.create_task(follow_active(tagging, sessions, config.model_poll_s)) if config.model_poll_s > 0 else None
         log.info("serving %s %s; database %s", model.name, model.version, engine.url.render_as_string(hide_password=True))
         try:
             yield
@@ -63,8 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for router in (tag.router, feedback.router, annotations.router, models.router, models.admin, jobs.router, health.router):
+    for router in (tag.router, feedback.router, annotation_routes.router, models.router, models.admin, jobs.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app
+
+
+def _initial_model(config: Settings, sessions: sessionmaker[Session]) -> ServedModel:
+    # start-up runs outside any request: the lifespan opens this one session itself
+    with sessions() as session:
+        return initial_model(config, session)

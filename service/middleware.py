@@ -30,7 +30,7 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            labels = dict(route=template, method=scope["method"], status=str(status["code"]))
+            labels = {"route": template, "method": scope["method"], "status": str(status["code"])}
             metrics.HTTP_REQUESTS.labels(**labels).inc()
             metrics.HTTP_LATENCY.labels(**labels).observe(time.perf_counter() - started)
 
@@ -71,6 +71,7 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+        return None
 
     async def _reject(self, send):
         payload = json.dumps(error_body("too_large", f"the request body is larger than {self.max_bytes} bytes")).encode()

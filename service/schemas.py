@@ -47,7 +47,9 @@ class TokenOut(BaseModel):
     score: float
 
 
-class TagResult(BaseModel):
+# the JSON of one tagged text (a service.tagging.ServedResult); no docstring: it would become the
+# schema's description in the public OpenAPI document
+class TextResultOut(BaseModel):
     id: uuid.UUID | None = Field(None, description="prediction id, for feedback; null when not stored")
     stored: bool
     model: ModelRef
@@ -55,8 +57,8 @@ class TagResult(BaseModel):
     tokens: list[TokenOut] | None = None
 
 
-class TagResults(BaseModel):
-    results: list[TagResult]
+class TextResultsOut(BaseModel):
+    results: list[TextResultOut]
 
 
 class EntityIn(Strict):

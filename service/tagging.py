@@ -1,20 +1,30 @@
 """Text -> entities for the service: the served model (swappable without a restart), the
-micro-batcher in front of it, and the group writer that stores predictions. No FastAPI here."""
+micro-batcher in front of it, and the rules of a /tag request (which texts are accepted, what is
+stored, what each result holds). No FastAPI here."""
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from ml.pipeline import TextResult, TextTagger
 from ml.predictor import Predictor
 from service import metrics
-from service.batching import MicroBatcher
+from service.batching import BatcherClosed, MicroBatcher, QueueFull
 from service.config import Settings
+from service.db.repositories import PredictionRecord
+from service.errors import ApiError
 
 log = logging.getLogger("service.tagging")
+
+# C0/C1 controls except tab, newline and carriage return; UTF-16 surrogates
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -44,9 +54,11 @@ class ServedModel:
 
 
 @dataclass
-class Tagged:
+class ServedResult:
+    """A TextResult and the model version that produced it."""
+
     result: TextResult
-    model: ServedModel  # the version that tagged it
+    model: ServedModel
 
 
 class TaggingEngine:
@@ -56,7 +68,7 @@ class TaggingEngine:
     def __init__(self, model: ServedModel, settings: Settings):
         self.model = model
         self.settings = settings
-        self.batcher: MicroBatcher[str, Tagged] = MicroBatcher(
+        self.batcher: MicroBatcher[str, ServedResult] = MicroBatcher(
             self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
             name="inference", on_depth=metrics.QUEUE_DEPTH.set,
         )
@@ -77,7 +89,7 @@ class TaggingEngine:
         log.info("now serving %s %s (was %s %s)", model.name, model.version, old.name, old.version)
         return old
 
-    def _process(self, texts: list[str]) -> list[Tagged]:
+    def _process(self, texts: list[str]) -> list[ServedResult]:
         model = self.model
         started = time.perf_counter()
         results = model.tagger.tag(texts)
@@ -89,10 +101,24 @@ class TaggingEngine:
         for r in results:
             for e in r.entities:
                 metrics.ENTITIES.labels(label=e.label).inc()
-        return [Tagged(r, model) for r in results]
+        return [ServedResult(r, model) for r in results]
 
-    async def tag(self, texts: Sequence[str]) -> list[Tagged]:
+    async def tag(self, texts: Sequence[str]) -> list[ServedResult]:
         return await self.batcher.submit(list(texts))
+
+
+def check_text(text: str, where: str, settings: Settings) -> None:
+    """Reject what cannot be tagged or stored: empty text, over-long text, control characters
+    (NUL cannot even be stored in Postgres), and lone surrogates (not encodable as UTF-8)."""
+    if len(text) > settings.max_text_chars:
+        raise ApiError(413, "text_too_long", f"{where} has {len(text)} characters; the limit is {settings.max_text_chars}")
+    if not text.strip():
+        raise ApiError(422, "empty_text", f"{where} is empty or only whitespace")
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        ch = bad.group()
+        kind = "a lone surrogate" if 0xD800 <= ord(ch) < 0xE000 else "the control character"
+        raise ApiError(422, "invalid_character", f"{where} contains {kind} U+{ord(ch):04X} at offset {bad.start()}")
 
 
 def min_token_score(result: TextResult) -> float:
@@ -103,14 +129,55 @@ def entity_dicts(result: TextResult) -> list[dict]:
     return [{"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6)} for e in result.entities]
 
 
-def prediction_writer(sessionmaker, settings: Settings) -> MicroBatcher:
-    """Group commit: predictions of concurrent requests go to the database in one transaction."""
-    from service.db import repositories
+async def tag_texts(
+    texts: list[str],
+    *,
+    one_text: bool,
+    store: bool,
+    include_tokens: bool,
+    engine: TaggingEngine,
+    writer: MicroBatcher[PredictionRecord, bool],
+    settings: Settings,
+) -> list[dict]:
+    """The /tag flow: check the texts, tag them in the shared batch, store them (best effort: when
+    the database fails the results still go out, marked not stored). Returns one result per text in
+    the wire shape (``schemas.TextResultOut``); ``one_text`` names errors after ``text``, not ``texts[i]``."""
+    if len(texts) > settings.max_batch_texts:
+        raise ApiError(422, "too_many_texts", f"{len(texts)} texts in one request; the limit is {settings.max_batch_texts}")
+    for index, text in enumerate(texts):
+        check_text(text, "text" if one_text else f"texts[{index}]", settings)
 
-    def write(records: list[repositories.PredictionRecord]) -> list[bool]:
-        with sessionmaker() as session:
-            repositories.store_predictions(session, records=records, store_text=settings.store_text)
-        metrics.PREDICTIONS_STORED.inc(len(records))
-        return [True] * len(records)
+    started = time.perf_counter()
+    try:
+        served = await engine.tag(texts)
+    except QueueFull as e:
+        metrics.QUEUE_REJECTED.inc(len(texts))
+        retry = str(max(1, round(e.retry_after_s)))
+        raise ApiError(503, "overloaded", "the tagging queue is full; retry later", {"Retry-After": retry}) from None
+    except BatcherClosed:
+        raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "5"}) from None
+    latency_ms = (time.perf_counter() - started) * 1000
 
-    return MicroBatcher(write, settings.db_write_batch, 0.0, 16 * settings.db_write_batch, name="prediction-writer")
+    ids = [uuid.uuid4() for _ in texts]
+    entities = [entity_dicts(s.result) for s in served]
+    stored = False
+    if store:
+        records = [
+            PredictionRecord(prediction_id, text, s.model.name, s.model.version, ents, min_token_score(s.result), latency_ms)
+            for prediction_id, text, s, ents in zip(ids, texts, served, entities, strict=True)
+        ]
+        try:
+            await writer.submit(records)
+            stored = True
+        except (SQLAlchemyError, QueueFull, BatcherClosed) as e:  # the answer still goes out, marked as not stored
+            metrics.DB_ERRORS.labels(operation="store_prediction").inc()
+            metrics.PREDICTIONS_NOT_STORED.inc(len(records))
+            log.warning("predictions not stored: %s: %s", type(e).__name__, e)
+
+    results = []
+    for prediction_id, s, ents in zip(ids, served, entities, strict=True):
+        result = {"id": str(prediction_id) if stored else None, "stored": stored, "model": s.model.info(), "entities": ents}
+        if include_tokens:
+            result["tokens"] = [{"text": k.text, "start": k.start, "end": k.end, "tag": k.tag, "score": round(k.score, 6)} for k in s.result.tokens]
+        results.append(result)
+    return results

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.synthetic import synthetic_corpus
 
-SMALL_MODEL = {
+SMALL_MODEL: dict[str, dict[str, Any]] = {
     "model": {"hidden_size": 32, "word_dim": 16, "char_dim": 8, "char_hidden": 16, "case_dim": 4, "dropout": 0.1},
     "train": {"epochs": 40, "batch_size": 8, "optimizer": "adam", "lr": 0.01, "lr_decay": 0.0, "patience": 8, "seed": 3},
 }

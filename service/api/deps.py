@@ -13,10 +13,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import metrics
 from service.batching import MicroBatcher
 from service.config import Settings
-from service.errors import ApiError
+from service.db.repositories import PredictionRecord
+from service.errors import ApiError, database_unavailable
 from service.tagging import TaggingEngine
 
 
@@ -28,7 +28,7 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     tagging: TaggingEngine
-    writer: MicroBatcher
+    writer: MicroBatcher[PredictionRecord, bool]
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -43,8 +43,7 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
         with runtime.sessions() as session:
             yield session
     except SQLAlchemyError as e:
-        metrics.DB_ERRORS.labels(operation="session").inc()
-        raise ApiError(503, "database_unavailable", f"the database is unavailable: {type(e).__name__}", {"Retry-After": "5"}) from None
+        raise database_unavailable(e, operation="session") from None
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

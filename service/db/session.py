@@ -47,7 +47,10 @@ def alembic_config(url: str):
 def code_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:
+        raise SchemaError(f"no migration found in {MIGRATIONS}")
+    return head
 
 
 def database_revision(engine: Engine) -> str | None:

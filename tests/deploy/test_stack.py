@@ -367,7 +367,7 @@ def test_every_compose_variable_is_documented_in_env_example():
 
 def test_dockerfile_builds_a_non_root_cpu_image_with_the_bundled_model():
     instructions = dockerfile()
-    args = {}
+    args: dict[str, str] = {}
     for instruction, value in instructions:
         if instruction == "ARG" and "=" in value:
             k, v = value.split("=", 1)
@@ -427,7 +427,7 @@ def test_dockerignore_keeps_the_model_and_leaves_out_local_state():
 def test_dashboard_covers_the_service():
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
-    panels = [p for p in walk_panels(dashboard["panels"])]
+    panels = list(walk_panels(dashboard["panels"]))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for p in panels:
@@ -651,7 +651,7 @@ def prometheus(live_app, tmp_path_factory, request) -> Prometheus:
 def test_every_metric_of_the_dashboard_and_alerts_is_exposed_by_the_app(live_app):
     exposition = httpx.get(f"{live_app.url}/metrics", timeout=10).text
     exposed = exposed_sample_names(exposition)
-    used = {}
+    used: dict[str, list[str]] = {}
     for where, expr in dashboard_exprs() + [(r["alert"], r["expr"]) for r in alert_rules()]:
         for name in metric_names(expr):
             used.setdefault(name, []).append(where)

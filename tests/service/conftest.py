@@ -44,7 +44,7 @@ def pg_server_url() -> Iterator[str]:
 def make_settings(database_url: str, model_dir, **overrides):
     from service.config import Settings
 
-    values = dict(database_url=database_url, ner_model=model_dir, model_poll_s=0, batch_max_wait_ms=2.0, _env_file=None)
+    values = {"database_url": database_url, "ner_model": model_dir, "model_poll_s": 0, "batch_max_wait_ms": 2.0, "_env_file": None}
     values.update(overrides)
     return Settings(**values)
 

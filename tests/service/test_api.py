@@ -59,13 +59,13 @@ def test_offsets_hold_for_odd_whitespace_and_non_ascii(api):
     for _ in range(40):
         parts = []
         for _ in range(rng.randint(1, 4)):
-            parts += [rng.choice(PEOPLE), rng.choice(fillers), rng.choice(["visited", "met", "and"]), rng.choice(fillers), rng.choice(PLACES), rng.choice(fillers + ["."])]
+            parts += [rng.choice(PEOPLE), rng.choice(fillers), rng.choice(["visited", "met", "and"]), rng.choice(fillers), rng.choice(PLACES), rng.choice([*fillers, "."])]
         texts.append(rng.choice(["", "  ", "😀", "\n"]) + "".join(parts))
     found = 0
     for lo in range(0, len(texts), 10):
         r = api.post("/tag", json={"texts": texts[lo : lo + 10], "store": False, "include_tokens": True})
         assert r.status_code == 200, r.text
-        for text, res in zip(texts[lo : lo + 10], r.json()["results"]):
+        for text, res in zip(texts[lo : lo + 10], r.json()["results"], strict=True):
             for e in res["entities"]:
                 assert text[e["start"] : e["end"]] == e["text"]
                 found += 1
@@ -75,7 +75,7 @@ def test_offsets_hold_for_odd_whitespace_and_non_ascii(api):
 
 
 def test_long_text_is_split_into_sentences_with_whole_text_offsets(api):
-    sentences = [f"{rng_name} visited {place} ." for rng_name, place in zip(PEOPLE * 10, PLACES * 10)]
+    sentences = [f"{rng_name} visited {place} ." for rng_name, place in zip(PEOPLE * 10, PLACES * 10, strict=True)]
     text = " ".join(sentences)
     r = api.post("/tag", json={"text": text, "store": False})
     assert r.status_code == 200
@@ -126,8 +126,10 @@ def test_a_second_correction_supersedes_the_first(api):
     text = f"Tom visited Oslo . {uuid.uuid4().hex}"
     since = dt.datetime.now(dt.UTC).isoformat()
     pred = api.post("/tag", json={"text": text}).json()
-    api.post("/feedback", json={"prediction_id": pred["id"], "entities": [{"start": 0, "end": 3, "label": "PER"}]})
-    api.post("/feedback", json={"prediction_id": pred["id"], "entities": [{"start": 0, "end": 3, "label": "PER"}, {"start": 12, "end": 16, "label": "LOC"}]})
+    first = api.post("/feedback", json={"prediction_id": pred["id"], "entities": [{"start": 0, "end": 3, "label": "PER"}]})
+    assert first.status_code == 201, first.text
+    second = api.post("/feedback", json={"prediction_id": pred["id"], "entities": [{"start": 0, "end": 3, "label": "PER"}, {"start": 12, "end": 16, "label": "LOC"}]})
+    assert second.status_code == 201, second.text
     records = [json.loads(line) for line in api.get("/annotations", params={"since": since}).text.splitlines()]
     assert [len(r["entities"]) for r in records if r["text"] == text] == [2]
 
@@ -282,9 +284,8 @@ def test_privacy_mode_keeps_only_hashes_of_tagged_texts(sqlite_url, small_model_
 def test_refuses_to_start_on_an_unmigrated_database(sqlite_url, small_model_dir):
     from service.db.session import SchemaError
 
-    with pytest.raises(SchemaError, match="run `ner db upgrade`"):
-        with running_app(make_settings(sqlite_url, small_model_dir), migrate=False):
-            pass
+    with pytest.raises(SchemaError, match="run `ner db upgrade`"), running_app(make_settings(sqlite_url, small_model_dir), migrate=False):
+        pass
     with running_app(make_settings(sqlite_url, small_model_dir, auto_migrate=True), migrate=False) as c:
         assert c.get("/readyz").status_code == 200
 

@@ -57,7 +57,7 @@ def test_corrections_retrain_activate_and_roll_back(tmp_path, small_model_dir):
                 pred = c.post("/tag", json={"text": text}).json()
                 span = product_entity(text, product)
                 known = [e for e in pred["entities"] if e["end"] <= span["start"] or e["start"] >= span["end"]]
-                entities = sorted(known + [span], key=lambda e: e["start"])
+                entities = sorted([*known, span], key=lambda e: e["start"])
                 r = c.post("/feedback", json={"prediction_id": pred["id"], "entities": [{k: e[k] for k in ("start", "end", "label")} for e in entities], "author": "test"})
                 assert r.status_code == 201, r.text
 

@@ -34,7 +34,7 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(tmp_path, s
         before = httpx.get(f"{server.url}/metrics").text
         texts = [f"{SENTENCES[i % 4]} {i}" for i in range(48)]
         responses = asyncio.run(_concurrent(server.url, len(texts), lambda i: {"text": texts[i], "include_tokens": True}))
-        for text, r in zip(texts, responses):
+        for text, r in zip(texts, responses, strict=True):
             assert r.status_code == 200, r.text
             tokens = [t["text"] for t in r.json()["tokens"]]
             assert tokens == text.split()  # its own text, not a neighbour's
@@ -66,33 +66,32 @@ def test_database_down_then_back(pg_server_url, small_model_dir):
     url = pg_server_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     upgrade(url)
     try:
-        with LiveServer(make_settings(url, small_model_dir, db_timeout_s=1.0)) as server:
-            with httpx.Client(base_url=server.url, timeout=30) as c:
-                before = c.post("/tag", json={"text": "Tom visited Oslo ."}).json()
-                assert before["stored"] is True
-                failures_before = metric_value(c.get("/metrics").text, "ner_feedback_store_failures_total")
-                store_errors_before = metric_value(c.get("/metrics").text, 'ner_db_errors_total{operation="store_prediction"}')
-                proxy.cut()
-                down = c.post("/tag", json={"text": "Tom visited Oslo ."})
-                assert down.status_code == 200
-                assert down.json()["stored"] is False and down.json()["id"] is None and down.json()["entities"]
-                fb = c.post("/feedback", json={"prediction_id": before["id"], "entities": []}, headers={"Idempotency-Key": "k-down"})
-                assert fb.status_code == 503 and fb.json()["error"]["code"] == "database_unavailable" and "Retry-After" in fb.headers
-                fb_new = c.post("/feedback", json={"text": "Tom left .", "entities": []})
-                assert fb_new.status_code == 503
-                ready = c.get("/readyz")
-                assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("unavailable")
-                assert c.get("/healthz").status_code == 200
-                metrics = c.get("/metrics").text
-                assert metric_value(metrics, "ner_feedback_store_failures_total") - failures_before == 2
-                assert metric_value(metrics, 'ner_db_errors_total{operation="store_prediction"}') - store_errors_before == 1
+        with LiveServer(make_settings(url, small_model_dir, db_timeout_s=1.0)) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+            before = c.post("/tag", json={"text": "Tom visited Oslo ."}).json()
+            assert before["stored"] is True
+            failures_before = metric_value(c.get("/metrics").text, "ner_feedback_store_failures_total")
+            store_errors_before = metric_value(c.get("/metrics").text, 'ner_db_errors_total{operation="store_prediction"}')
+            proxy.cut()
+            down = c.post("/tag", json={"text": "Tom visited Oslo ."})
+            assert down.status_code == 200
+            assert down.json()["stored"] is False and down.json()["id"] is None and down.json()["entities"]
+            fb = c.post("/feedback", json={"prediction_id": before["id"], "entities": []}, headers={"Idempotency-Key": "k-down"})
+            assert fb.status_code == 503 and fb.json()["error"]["code"] == "database_unavailable" and "Retry-After" in fb.headers
+            fb_new = c.post("/feedback", json={"text": "Tom left .", "entities": []})
+            assert fb_new.status_code == 503
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("unavailable")
+            assert c.get("/healthz").status_code == 200
+            metrics = c.get("/metrics").text
+            assert metric_value(metrics, "ner_feedback_store_failures_total") - failures_before == 2
+            assert metric_value(metrics, 'ner_db_errors_total{operation="store_prediction"}') - store_errors_before == 1
 
-                proxy.restore()
-                assert c.get("/readyz").status_code == 200
-                after = c.post("/tag", json={"text": "Tom visited Oslo ."}).json()
-                assert after["stored"] is True
-                retried = c.post("/feedback", json={"prediction_id": before["id"], "entities": []}, headers={"Idempotency-Key": "k-down"})
-                assert retried.status_code == 201
+            proxy.restore()
+            assert c.get("/readyz").status_code == 200
+            after = c.post("/tag", json={"text": "Tom visited Oslo ."}).json()
+            assert after["stored"] is True
+            retried = c.post("/feedback", json={"prediction_id": before["id"], "entities": []}, headers={"Idempotency-Key": "k-down"})
+            assert retried.status_code == 201
     finally:
         proxy.stop()
 

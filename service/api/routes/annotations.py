@@ -10,10 +10,9 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import metrics
 from service.api.deps import RuntimeDep, SessionDep, require_api_key
 from service.db import repositories
-from service.errors import ApiError
+from service.errors import database_unavailable
 from service.exports import export_lines
 from service.schemas import QueueItem
 
@@ -21,19 +20,17 @@ router = APIRouter(tags=["annotations"], dependencies=[Depends(require_api_key)]
 
 
 @router.get("/annotations")
-def annotations(
+def export_annotations(
     runtime: RuntimeDep,
+    session: SessionDep,
     format: Literal["jsonl", "conll"] = "jsonl",
     since: dt.datetime | None = Query(None, description="only corrections stored at or after this time (ISO 8601)"),
 ):
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.UTC)
-    lines = export_lines(runtime.sessions, format, since, language=runtime.tagging.model.language)
+    lines = export_lines(session, format, since, language=runtime.tagging.model.language)
     try:
         first = next(lines, "")  # touch the database before the 200 goes out
     except SQLAlchemyError as e:
-        metrics.DB_ERRORS.labels(operation="export").inc()
-        raise ApiError(503, "database_unavailable", f"the database is unavailable: {type(e).__name__}", {"Retry-After": "5"}) from None
+        raise database_unavailable(e, operation="export") from None
 
     def body() -> Iterator[str]:
         yield first

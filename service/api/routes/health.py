@@ -6,6 +6,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from service import metrics
 from service.api.deps import RuntimeDep, require_probe_key
@@ -26,7 +27,7 @@ async def readyz(runtime: RuntimeDep):
     try:
         await asyncio.wait_for(run_in_threadpool(ping, runtime.engine), timeout=runtime.settings.db_timeout_s + 1)
         checks["database"] = "ok"
-    except Exception as e:
+    except (SQLAlchemyError, TimeoutError) as e:  # the ping failed, or took longer than DB_TIMEOUT_S + 1
         metrics.DB_ERRORS.labels(operation="readyz").inc()
         checks["database"] = f"unavailable: {type(e).__name__}"
         ready = False

@@ -5,13 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from ml.config import ConfigError
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key
 from service.db import jobs as jobs_repo
-from service.db import repositories
 from service.db.models import TrainingJob
 from service.errors import ApiError
-from service.jobs import finetune_config
+from service.jobs import request_retrain
 from service.schemas import JobOut, RetrainRequest
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
@@ -30,19 +28,10 @@ def job_out(job: TrainingJob) -> JobOut:
 def retrain(body: RetrainRequest, session: SessionDep, runtime: RuntimeDep):
     """Queue a fine-tuning job on the stored corrections. 202 with the job; a trainer takes it.
     While a job is queued or running, the same request answers 200 with that job instead."""
-    try:
-        finetune_config({**runtime.settings.finetune, **body.finetune})
-    except ConfigError as e:
-        raise ApiError(422, "invalid_request", str(e)) from None
-    if body.base_model_id is not None and repositories.get_model(session, model_id=body.base_model_id) is None:
-        raise ApiError(404, "model_not_found", f"no model version with id {body.base_model_id}")
-    if jobs_repo.count_corrections(session) == 0:
-        raise ApiError(422, "no_corrections", "there are no stored corrections to learn from: send some to POST /feedback first")
-    open_job = jobs_repo.open_job(session)
-    if open_job is not None:
-        return JSONResponse(job_out(open_job).model_dump(mode="json"), status_code=200)
-    params = {"finetune": body.finetune} if body.finetune else {}
-    return job_out(jobs_repo.create_job(session, trigger="api", params=params, base_model_id=body.base_model_id))
+    job, created = request_retrain(session, settings=runtime.settings, base_model_id=body.base_model_id, finetune=body.finetune)
+    if not created:
+        return JSONResponse(job_out(job).model_dump(mode="json"), status_code=200)
+    return job_out(job)
 
 
 @router.get("/jobs", response_model=list[JobOut])

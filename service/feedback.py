@@ -1,0 +1,107 @@
+"""The rules of a correction (POST /feedback): which text it is about, which spans are accepted,
+and storing it once per Idempotency-Key. No FastAPI here."""
+from __future__ import annotations
+
+import hashlib
+from itertools import pairwise
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ml.data.tokenizer import AlignmentError, char_spans_to_token_spans
+from service import metrics
+from service.config import Settings
+from service.db import repositories
+from service.db.models import Prediction
+from service.errors import ApiError, database_unavailable
+from service.schemas import EntityIn, FeedbackRequest
+from service.tagging import ServedModel, check_text
+
+
+def validate_entities(entities: list[EntityIn], text: str, *, allow_partial: bool, model: ServedModel, settings: Settings) -> list[dict]:
+    """Spans inside the text, known labels, no overlaps, on token boundaries (or widened to them
+    when both the server and the request allow it). Returns the spans to store, sorted."""
+    if len(entities) > settings.max_entities:
+        raise ApiError(422, "too_many_entities", f"{len(entities)} entities; the limit is {settings.max_entities}")
+    known = set(model.labels) | set(settings.extra_labels)
+    spans = []
+    for index, e in enumerate(entities):
+        where = f"entities[{index}] [{e.start}, {e.end})"
+        if not 0 <= e.start < e.end <= len(text):
+            raise ApiError(422, "span_out_of_range", f"{where} is not a non-empty range inside the text of {len(text)} characters")
+        if e.label not in known:
+            raise ApiError(422, "unknown_label", f"{where} has label {e.label!r}; known labels: {', '.join(sorted(known))}")
+        if e.text is not None and e.text != text[e.start : e.end]:
+            raise ApiError(422, "span_text_mismatch", f"{where} says its text is {e.text!r} but the text there is {text[e.start:e.end]!r}")
+        spans.append((e.start, e.end, e.label, index))
+    spans.sort()
+    for a, b in pairwise(spans):
+        if b[0] < a[1]:
+            raise ApiError(422, "overlapping_spans", f"entities[{a[3]}] [{a[0]}, {a[1]}) and entities[{b[3]}] [{b[0]}, {b[1]}) overlap")
+    tokens = model.tagger.tokenizer.tokenize(text)
+    partial = allow_partial and settings.allow_partial_spans
+    if allow_partial and not settings.allow_partial_spans:
+        raise ApiError(422, "partial_spans_disabled", "this server does not accept spans that split tokens (ALLOW_PARTIAL_SPANS is off)")
+    accepted: list[dict] = []
+    for start, end, label, index in spans:
+        try:
+            (token_span,) = char_spans_to_token_spans(tokens, [(start, end, label)], allow_partial=partial)
+        except AlignmentError as e:
+            raise ApiError(422, "span_splits_token", f"entities[{index}]: {e}") from None
+        s, t = tokens[token_span.start].start, tokens[token_span.end - 1].end
+        accepted.append({"start": s, "end": t, "label": label, "text": text[s:t]})
+    for left, right in pairwise(accepted):
+        if right["start"] < left["end"]:  # widening made two spans touch the same token
+            raise ApiError(422, "overlapping_spans", f"spans [{left['start']}, {left['end']}) and [{right['start']}, {right['end']}) overlap once widened to whole tokens")
+    return accepted
+
+
+def _corrected_text(body: FeedbackRequest, prediction: Prediction | None) -> str:
+    """The text the correction is about: the stored prediction's (which a resent text must match)
+    or the new text of the request."""
+    if prediction is None:
+        return body.text or ""
+    stored = prediction.document.text
+    if stored is None:  # STORE_TEXT was off: the client must resend the text, and it must match
+        if body.text is None:
+            raise ApiError(422, "text_required", "this server keeps only text hashes: resend the 'text' of the prediction")
+        if repositories.sha256(body.text) != prediction.document.text_sha256:
+            raise ApiError(422, "text_mismatch", "'text' is not the text of this prediction")
+        return body.text
+    if body.text is not None and body.text != stored:
+        raise ApiError(422, "text_mismatch", "'text' differs from the text of this prediction; omit it or send a new text without prediction_id")
+    return stored
+
+
+def store_feedback(session: Session, body: FeedbackRequest, *, idempotency_key: str | None, model: ServedModel, settings: Settings) -> repositories.StoredAnnotation:
+    """Check a correction and store it; a repeated Idempotency-Key with the same body answers with
+    the first annotation (``replayed``), with another body it is refused."""
+    request_sha = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    try:
+        if idempotency_key is not None:
+            found = repositories.find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha)
+            if found is not None:
+                return repositories.StoredAnnotation(found, True)
+        prediction = None
+        if body.prediction_id is not None:
+            prediction = repositories.get_prediction(session, prediction_id=body.prediction_id)
+            if prediction is None:
+                raise ApiError(404, "prediction_not_found", f"no stored prediction with id {body.prediction_id}")
+        text = _corrected_text(body, prediction)
+        check_text(text, "text", settings)
+        entities = validate_entities(body.entities, text, allow_partial=body.allow_partial, model=model, settings=settings)
+        result = repositories.create_annotation(
+            session, text=text, entities=entities, author=body.author, source="prediction" if prediction is not None else "text",
+            prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha,
+        )
+    except repositories.IdempotencyConflict:
+        raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {idempotency_key!r} was already used with a different request body") from None
+    except SQLAlchemyError as e:
+        metrics.FEEDBACK_FAILED.inc()
+        raise database_unavailable(
+            e, operation="store_feedback",
+            message=f"the correction was not stored: the database is unavailable ({type(e).__name__}); retry with the same Idempotency-Key",
+        ) from None
+    if not result.replayed:
+        metrics.FEEDBACK.labels(source=result.annotation.source).inc()
+    return result
