@@ -53,7 +53,8 @@ class FinetuneConfig:
     batch_size: int = 16  # sentences
     lr: float = 0.0005  # Adam; a tenth of the shipped model's rate
     clip_norm: float = 5.0
-    l2_to_base: float = 0.0  # weight of sum((theta - theta_base)^2) over the base's parameters
+    l2_to_base: float = 0.0  # weight of sum((theta - theta_base)^2) over the base's parameters, added to the loss
+    pull_to_base: float = 0.0  # after each step, this fraction of (theta - theta_base) is undone (decoupled, as AdamW's decay)
     freeze: list[str] = field(default_factory=list)  # parts of FREEZABLE whose old weights stay fixed
     rehearsal_ratio: float = 0.0  # silver sentences (stored texts tagged by the base) per correction sentence and epoch
     base_ratio: float = 1.0  # base-corpus sentences per correction sentence and epoch, when --data is given
@@ -67,6 +68,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "lr", "correction_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.pull_to_base < 1.0:
+            raise ConfigError(f"finetune.pull_to_base must lie in [0, 1), got {self.pull_to_base}")
         for name in ("clip_norm", "l2_to_base", "rehearsal_ratio", "base_ratio", "holdout_every", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"finetune.{name} must be non-negative, got {getattr(self, name)}")
@@ -271,13 +274,9 @@ def _freeze_old(model: Tagger, parts: Sequence[str], old_sizes: dict[str, int]) 
 
 
 def _l2_anchor(model: Tagger, base: dict[str, Tensor]) -> list[tuple[nn.Parameter, Tensor]]:
-    """(parameter, base value) pairs over the base's part of every parameter (its old rows)."""
-    pairs = []
-    for name, p in model.named_parameters():
-        if name in base and p.requires_grad:
-            b = base[name]
-            pairs.append((p, b))
-    return pairs
+    """(parameter, base value) pairs over every trainable parameter, matched by parameter name
+    (``base`` from ``named_parameters``: state-dict keys differ, the recurrence saves torch.nn names)."""
+    return [(p, base[name]) for name, p in model.named_parameters() if p.requires_grad and name in base]
 
 
 def _l2_penalty(pairs: Sequence[tuple[nn.Parameter, Tensor]]) -> Tensor:
@@ -290,6 +289,16 @@ def _l2_penalty(pairs: Sequence[tuple[nn.Parameter, Tensor]]) -> Tensor:
             idx = tuple(slice(0, n) for n in b.shape)
             total = total + (p[idx] - b).pow(2).sum()
     return total
+
+
+@torch.no_grad()
+def _pull(pairs: Sequence[tuple[nn.Parameter, Tensor]], fraction: float) -> None:
+    """theta <- theta - fraction * (theta - theta_base) on the base's part of each parameter. Adam
+    rescales gradients, so a penalty in the loss barely holds the weights; this does, whatever the
+    gradient's scale (decoupled, like AdamW's weight decay, but toward the base instead of zero)."""
+    for p, b in pairs:
+        idx = tuple(slice(0, n) for n in b.shape)
+        p[idx] -= fraction * (p[idx] - b)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -372,10 +381,10 @@ def finetune(
         vectors = pretrained
     model, vocab, growth = grow(loaded, train_sents + held_sents + silver + base_train, vectors)
     progress(0.0, f"vocabulary +{len(growth.new_words)} word keys ({growth.pretrained_words} with pretrained vectors), +{len(growth.new_chars)} characters; new labels {growth.new_labels or 'none'}")
-    base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items() if not k.endswith("_penalty")}
+    base_state = {k: v.detach().clone() for k, v in loaded.model.named_parameters()}
     old_rows = {k: v.size(0) for k, v in base_state.items()}
     _freeze_old(model, cfg.freeze, old_rows)
-    anchor = _l2_anchor(model, {k: v for k, v in base_state.items() if k in dict(model.named_parameters())}) if cfg.l2_to_base else []
+    anchor = _l2_anchor(model, base_state) if cfg.l2_to_base or cfg.pull_to_base else []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     max_len = loaded.config.model.max_word_length
@@ -401,13 +410,15 @@ def finetune(
             batch = tensorize([s.tokens for s, _ in chunk], vocab, max_len, [t for _, t in chunk])
             assert batch.tags is not None
             loss = model.loss(batch.words, batch.chars, batch.cases, batch.mask, batch.tags)
-            if anchor:
+            if anchor and cfg.l2_to_base:
                 loss = loss + cfg.l2_to_base * _l2_penalty(anchor)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_norm:
                 nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             optimizer.step()
+            if cfg.pull_to_base:
+                _pull(anchor, cfg.pull_to_base)
             value = loss.item()
             if value != value or value in (float("inf"), float("-inf")):
                 raise FloatingPointError(f"epoch {epoch}: the loss became {value}; lower finetune.lr")

@@ -137,3 +137,17 @@ def test_bad_settings_are_named():
         FinetuneConfig().override(["freeze=encoder,decoder"])
     with pytest.raises(ConfigError, match="holdout_every"):
         FinetuneConfig(holdout_every=1).validate()
+
+
+def test_pull_to_base_holds_the_weights_near_the_base(small_model_dir, tmp_path):
+    base = load_model(small_model_dir).model.state_dict()
+    k = base["projection.weight"].size(0)
+
+    def deviation(name: str, **settings) -> float:
+        config = FinetuneConfig(epochs=3, lr=0.01, holdout_every=0, threads=1, **settings)
+        finetune(small_model_dir, product_corrections()[:8], tmp_path / name, "1.1.0", config, pretrained=None)
+        new = load_model(tmp_path / name).model.state_dict()
+        return max(float((new["encoder.weight_hh_l0"] - base["encoder.weight_hh_l0"]).abs().max()),
+                   float((new["projection.weight"][:k] - base["projection.weight"]).abs().max()))
+
+    assert deviation("pulled", pull_to_base=0.5) < 0.5 * deviation("free")
