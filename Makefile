@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: serve test install system-deps bench-load bench-accuracy clean
+.PHONY: serve test lint install system-deps bench-load bench-accuracy clean
 
 $(BIN)/ner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
 
-# The whole test suite, PostgreSQL tests included (server at 127.0.0.1:5432).
-test: $(BIN)/ner system-deps
+# Lint (ruff, rule set in pyproject.toml) and types (mypy with the pydantic plugin).
+lint: $(BIN)/ner
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# The whole test suite, PostgreSQL tests included (server at 127.0.0.1:5432), after lint and types.
+test: $(BIN)/ner system-deps lint
 	$(BIN)/python -m pytest -q
 
 bench-load: $(BIN)/ner

@@ -112,7 +112,7 @@ def main() -> int:
         for name, (_, overrides) in ABLATIONS.items():
             if args.only and name not in args.only:
                 continue
-            run_one(f"ablation: {name}", overrides + ["train.seed=1"], args.data, args.out, args.epochs)
+            run_one(f"ablation: {name}", [*overrides, "train.seed=1"], args.data, args.out, args.epochs)
 
     results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
     seeds = [r for r in results if r["name"].startswith("shipped config")]

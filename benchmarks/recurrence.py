@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,20 +23,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ml.modules.rnn import build_encoder
 
-I, H, T = 150, 256, 32
+I, H, T = 150, 256, 32  # noqa: E741 (input, hidden, steps: the shape letters of ml.modules.rnn)
 
 
-def timed(fn, reps: int, device: str) -> float:
+def timed(fn: Callable[..., object], args: tuple, reps: int, device: str) -> float:
     for _ in range(3):
-        fn()
+        fn(*args)
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        fn()
+        fn(*args)
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps * 1000
+
+
+def forward_backward(encoder: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> None:
+    encoder(x, mask)[0].sum().backward()
 
 
 def main() -> int:
@@ -51,7 +56,7 @@ def main() -> int:
     rows = []
     for cell in ("lstm", "gru"):
         ours = build_encoder("script", cell, I, H, 1, True).to(device)
-        ref = build_encoder("cudnn", cell, I, H, 1, True).to(device)
+        ref = build_encoder("native", cell, I, H, 1, True).to(device)
         ref.load_state_dict(ours.state_dict())
         for b in batches:
             x = torch.randn(b, T, I, device=device)
@@ -60,11 +65,11 @@ def main() -> int:
             mask = torch.arange(T, device=device).unsqueeze(0) < lengths.unsqueeze(1)
             with torch.no_grad():
                 err = (ours(x, mask)[0] - ref(x, mask)[0]).abs().max().item()
-                ours_fwd = timed(lambda: ours(x, mask), reps, device)
-                ref_fwd = timed(lambda: ref(x, mask), reps, device)
+                ours_fwd = timed(ours, (x, mask), reps, device)
+                ref_fwd = timed(ref, (x, mask), reps, device)
             xg = x.clone().requires_grad_(True)
-            ours_train = timed(lambda: ours(xg, mask)[0].sum().backward(), reps, device)
-            ref_train = timed(lambda: ref(xg, mask)[0].sum().backward(), reps, device)
+            ours_train = timed(forward_backward, (ours, xg, mask), reps, device)
+            ref_train = timed(forward_backward, (ref, xg, mask), reps, device)
             row = {"cell": cell, "batch": b, "max_abs_err": err, "script_fwd_ms": ours_fwd, "torch_fwd_ms": ref_fwd, "script_train_ms": ours_train, "torch_train_ms": ref_train}
             if device == "cuda":
                 static_x, static_mask = x.clone(), mask.clone()
@@ -81,7 +86,7 @@ def main() -> int:
                     graph.replay()
                     torch.cuda.synchronize()
                     row["graph_err"] = (static_out - ref(x, mask)[0]).abs().max().item()
-                    row["script_graph_fwd_ms"] = timed(graph.replay, reps, device)
+                    row["script_graph_fwd_ms"] = timed(graph.replay, (), reps, device)
             rows.append(row)
     print(f"device: {info['device']}, torch {info['torch']}, {info['threads']} CPU threads; input {I}, hidden {H}, {T} steps, bidirectional")
     print("| cell | batch | max abs err | scripted fwd ms | torch.nn fwd ms | ratio | scripted fwd+bwd ms | torch.nn fwd+bwd ms | ratio |" + (" CUDA graph fwd ms |" if device == "cuda" else ""))

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ml.config import Config
+from ml.config import MAX_VOCAB, Config
 from ml.labels import allowed_transitions, split_tag
-from ml.model import Tagger
+from ml.model import Tagger, state_shapes
 from ml.vocab import Vocabularies
 
 FORMAT = 1
@@ -31,6 +34,15 @@ FILES = ("meta.json", "config.json", "vocab.json", "weights.safetensors")
 # the same way before saving, so a reloaded model predicts exactly what was evaluated)
 HALF_PRECISION = ("word_embedding.weight",)
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([-+.][0-9A-Za-z.-]+)?$")
+# the most each file of a model folder may hold (bytes); the shipped model's weights are ~7 MB
+MAX_FILE_BYTES = {
+    "meta.json": 1 << 20,
+    "config.json": 1 << 20,
+    "vocab.json": 256 << 20,
+    "metrics.json": 16 << 20,
+    "weights.safetensors": 4 << 30,
+}
+MAX_PARAMETERS = 1_000_000_000  # numbers in weights.safetensors (4 GB as float32)
 
 
 class ModelLoadError(RuntimeError):
@@ -119,8 +131,65 @@ class LoadedModel:
     path: Path
 
 
+def _checked_file(folder: Path, name: str) -> Path:
+    """The path of a folder's file once it is known to be a regular file (a FIFO or a device would
+    block or never end; os.stat looks without opening), inside the folder, and within its size cap."""
+    path = folder / name
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{path} is not a regular file; a model folder holds only regular files")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ModelLoadError(f"{path} is a link to {path.resolve()}, outside the model folder")
+    limit = MAX_FILE_BYTES[name]
+    if info.st_size > limit:
+        raise ModelLoadError(f"{path} is {info.st_size} bytes, more than the {limit} allowed for {name}")
+    return path
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    path = _checked_file(folder, name)
+    # O_NONBLOCK: should the file have been swapped for a FIFO since the check, open does not wait
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ModelLoadError(f"{path} is not a regular file; a model folder holds only regular files")
+        raw = f.read(MAX_FILE_BYTES[name] + 1)
+    if len(raw) > MAX_FILE_BYTES[name]:
+        raise ModelLoadError(f"{path} grew past the {MAX_FILE_BYTES[name]} bytes allowed for {name} while being read")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def check_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compare the names and shapes in a safetensors file's header with what the config and
+    vocabularies imply, reading no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (a safe_open handle is not a dict)
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(f"{path} does not fit its config.json: missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise ModelLoadError(f"{path}: tensor {key} has shape {list(found[key])} but config.json and vocab.json imply {list(shape)}")
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: str | None = None) -> LoadedModel:
-    """Load a model folder for inference (eval mode). ``backend`` overrides the recurrence backend."""
+    """Load a model folder for inference (eval mode). ``backend`` overrides the recurrence backend.
+
+    Everything is checked before the model is built: each file is a regular file within its size
+    cap, config.json within the dimension bounds, vocab.json within the vocabulary bounds, and every
+    tensor name and shape in weights.safetensors' header equal to what they imply."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -129,11 +198,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: 
     missing = [f for f in FILES if not (folder / f).exists()]
     if missing:
         raise ModelLoadError(f"{folder} is not a model folder: missing {', '.join(missing)}")
-    try:
-        meta_data = json.loads((folder / "meta.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{folder}/meta.json is not valid JSON: {e}") from None
-    found = meta_data.get("format")
+    meta_data = _read_json(folder, "meta.json")
+    found = meta_data.get("format") if isinstance(meta_data, dict) else None
     if found != FORMAT:
         raise ModelLoadError(
             f"{folder} was written in model format {found!r}, but this version of ml reads format {FORMAT}; "
@@ -141,19 +207,29 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: 
         )
     try:
         meta = ModelMeta(**meta_data)
-        config = Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
-        vocab = Vocabularies.load(folder)
+        config = Config.from_dict(_read_json(folder, "config.json"), str(folder / "config.json"))
+        vocab = Vocabularies.from_json(_read_json(folder, "vocab.json"))
     except (TypeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{folder}: {e}") from None
+    for name, table in (("words", vocab.words), ("chars", vocab.chars), ("tags", vocab.tags)):
+        if len(table) > MAX_VOCAB[name]:
+            raise ModelLoadError(f"{folder}/vocab.json has {len(table)} {name}, more than the {MAX_VOCAB[name]} allowed")
+    expected = state_shapes(config.model, len(vocab.words), len(vocab.chars), len(vocab.tags))
+    total = sum(math.prod(shape) for shape in expected.values())
+    if total > MAX_PARAMETERS:
+        raise ModelLoadError(f"{folder}: config.json and vocab.json imply {total} parameters, more than the {MAX_PARAMETERS} allowed")
+    weights = _checked_file(folder, "weights.safetensors")
+    check_weights(weights, expected)
     if backend is not None:
         config.model.backend = backend
+        config.model.validate()
     model = build_model(config, vocab, with_lm=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "weights.safetensors")).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ModelLoadError(f"{folder}/weights.safetensors does not fit its config.json: {e}") from None
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+        raise ModelLoadError(f"{weights} does not fit its config.json: {e}") from None
+    metrics = _read_json(folder, "metrics.json") if (folder / "metrics.json").exists() else {}
     return LoadedModel(model.to(device).eval(), config, vocab, meta, metrics, folder)
 
 

@@ -10,11 +10,28 @@ from pathlib import Path
 from typing import Any
 
 from ml.labels import SCHEMES
-from ml.modules.rnn import BACKENDS, CELLS
+from ml.modules.rnn import BACKEND_ALIASES, BACKENDS, CELLS
 
 CHAR_ENCODERS = ("cnn", "lstm", "none")
 HEADS = ("crf", "softmax")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "nadam")
+
+
+# Upper bounds: far above any sensible NER tagger (the shipped one is 50/200/1 layer), low enough that
+# a hostile or mistyped config.json cannot make loading allocate gigabytes before anything is checked.
+MAXIMA = {
+    "hidden_size": 4096,
+    "num_layers": 8,
+    "word_dim": 1024,
+    "char_dim": 512,
+    "char_hidden": 1024,
+    "char_kernel": 15,
+    "max_word_length": 256,
+    "case_dim": 64,
+    "lm_vocab": 1_000_000,
+}
+# vocabulary sizes a model folder may declare (word keys, characters, tags)
+MAX_VOCAB = {"words": 5_000_000, "chars": 1_000_000, "tags": 1_000}
 
 
 class ConfigError(ValueError):
@@ -34,7 +51,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 @dataclass
 class ModelConfig:
     cell: str = "lstm"  # rnn_tanh | rnn_relu | gru | lstm
-    backend: str = "script"  # script (TorchScript loop) | cudnn (torch.nn over packed sequences)
+    backend: str = "script"  # script (TorchScript loop) | native (torch.nn over packed sequences; "cudnn" is its old name)
     hidden_size: int = 200  # per direction
     num_layers: int = 1
     bidirectional: bool = True
@@ -54,6 +71,8 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         _choice("model.cell", self.cell, CELLS)
+        # configs and model folders written before the rename say "cudnn"; they mean "native"
+        self.backend = BACKEND_ALIASES.get(self.backend, self.backend)
         _choice("model.backend", self.backend, BACKENDS)
         _choice("model.char_encoder", self.char_encoder, CHAR_ENCODERS)
         _choice("model.head", self.head, HEADS)
@@ -61,6 +80,9 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "word_dim", "char_dim", "char_hidden", "char_kernel", "max_word_length", "lm_vocab"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.case_dim", self.case_dim, allow_zero=True)
+        for name, limit in MAXIMA.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"model.{name} = {getattr(self, name)} is larger than the allowed maximum {limit}")
         _positive("model.lm_weight", self.lm_weight, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
@@ -81,7 +103,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32  # sentences
     eval_batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (with momentum) | adam
+    optimizer: str = "sgd"  # sgd (with momentum) | adam | nadam (Adam with Nesterov momentum)
     lr: float = 0.015
     momentum: float = 0.9
     weight_decay: float = 0.0

@@ -49,17 +49,17 @@ def entity_scores(gold: Iterable[Sequence[Span]], predicted: Iterable[Sequence[S
     n_pred: Counter = Counter()
     n_gold: Counter = Counter()
     sentences = 0
-    for g, p in zip(gold, predicted, strict=True):
+    for gold_spans, predicted_spans in zip(gold, predicted, strict=True):
         sentences += 1
-        gs: set[Span] = set(g)
-        ps: set[Span] = set(p)
+        gs: set[Span] = set(gold_spans)
+        ps: set[Span] = set(predicted_spans)
         for s in gs:
             n_gold[s.label] += 1
         for s in ps:
             n_pred[s.label] += 1
             if s in gs:
                 tp[s.label] += 1
-    per_type = {}
+    per_type: dict[str, dict[str, float]] = {}
     for label in sorted(set(n_gold) | set(n_pred)):
         p, r, f = _prf(tp[label], n_pred[label], n_gold[label])
         per_type[label] = {"precision": p, "recall": r, "f1": f, "support": n_gold[label]}

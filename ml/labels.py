@@ -184,7 +184,7 @@ def lenient_spans(tags: Sequence[str]) -> list[Span]:
     spans: list[Span] = []
     start: int | None = None
     prev_prefix, prev_type = OUTSIDE, ""
-    for i, tag in enumerate(list(tags) + [OUTSIDE]):
+    for i, tag in enumerate([*tags, OUTSIDE]):
         prefix, typ = split_tag(tag, i)
         starts = prefix in ("B", "S") or (
             prefix in ("I", "E") and (prev_prefix in (OUTSIDE, "E", "S") or typ != prev_type)

@@ -5,7 +5,7 @@ here maps ids to ids; strings live in ``ml.vocab`` and ``ml.predictor``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,51 @@ from torch import Tensor, nn
 
 from ml.config import ModelConfig
 from ml.modules.crf import CRF, SoftmaxHead
-from ml.modules.rnn import build_encoder
+from ml.modules.rnn import STEPS, build_encoder
 from ml.vocab import NUM_CASES, PAD_ID
+
+# The parts a Tagger is assembled from, by what they do (any nn.Module with these members fits;
+# ml.modules.rnn's encoders, CharCNN / CharRNN, and ml.modules.crf's CRF / SoftmaxHead do).
+
+
+class Encoder(Protocol):
+    """A sequence encoder: x (B, T, input_size), mask (B, T) -> states (B, T, output_size) and two
+    final-state tensors (as torch.nn's h_n, c_n; the Tagger uses only the states)."""
+
+    @property
+    def input_size(self) -> int: ...
+
+    @property
+    def output_size(self) -> int: ...
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+    def __call__(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+
+class CharEncoder(Protocol):
+    """Character features per word: chars (B, T, C) -> (B, T, output_size)."""
+
+    @property
+    def output_size(self) -> int: ...
+
+    def __call__(self, chars: Tensor) -> Tensor: ...
+
+
+class Head(Protocol):
+    """Turns emission scores (B, T, K) and a mask (B, T) into a loss, tag ids and marginals."""
+
+    def loss(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        """Mean over sentences of the summed per-step loss; tags (B, T) ids."""
+        ...
+
+    def decode(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        """Best tag ids (B, T)."""
+        ...
+
+    def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        """Probability of each tag at each step (B, T, K); zero at padding."""
+        ...
 
 
 class CharCNN(nn.Module):
@@ -62,21 +105,20 @@ class Tagger(nn.Module):
     def __init__(
         self,
         word_embedding: nn.Embedding,
-        char_encoder: Optional[nn.Module],
+        char_encoder: Optional[CharEncoder],
         case_embedding: Optional[nn.Embedding],
-        encoder: nn.Module,
-        head: nn.Module,
+        encoder: Encoder,
+        head: Head,
         num_tags: int,
         dropout: float,
-        lm_head: Optional[nn.Module] = None,
+        lm_head: Optional[LanguageModelHead] = None,
     ):
         super().__init__()
         width = word_embedding.embedding_dim
         width += char_encoder.output_size if char_encoder is not None else 0
         width += case_embedding.embedding_dim if case_embedding is not None else 0
-        encoder_in = encoder.layers[0].input_size if hasattr(encoder, "layers") else encoder.rnn.input_size
-        if width != encoder_in:
-            raise ValueError(f"token features are {width} wide but the recurrent encoder expects {encoder_in}")
+        if width != encoder.input_size:
+            raise ValueError(f"token features are {width} wide but the recurrent encoder expects {encoder.input_size}")
         self.word_embedding = word_embedding
         self.char_encoder = char_encoder
         self.case_embedding = case_embedding
@@ -94,7 +136,7 @@ class Tagger(nn.Module):
         nn.init.uniform_(words.weight, -0.1, 0.1)
         with torch.no_grad():
             words.weight[PAD_ID].zero_()
-        chars: Optional[nn.Module] = None
+        chars: Optional[CharCNN | CharRNN] = None
         if config.char_encoder == "cnn":
             chars = CharCNN(num_chars, config.char_dim, config.char_hidden, config.char_kernel)
         elif config.char_encoder == "lstm":
@@ -107,7 +149,7 @@ class Tagger(nn.Module):
         )
         if config.head == "crf":
             allowed, starts, ends = transitions if transitions is not None else (None, None, None)
-            head: nn.Module = CRF(num_tags, allowed, starts, ends)
+            head: CRF | SoftmaxHead = CRF(num_tags, allowed, starts, ends)
         else:
             head = SoftmaxHead(num_tags)
         lm = LanguageModelHead(config.hidden_size, config.lm_vocab) if config.lm_weight > 0 else None
@@ -143,6 +185,49 @@ class Tagger(nn.Module):
         tags = self.head.decode(emissions, mask)
         scores = self.head.marginals(emissions, mask).gather(2, tags.unsqueeze(2)).squeeze(2)
         return tags, scores
+
+
+def _recurrent_shapes(prefix: str, cell: str, input_size: int, hidden: int, layers: int, bidirectional: bool) -> dict[str, tuple[int, ...]]:
+    gh = STEPS[cell].gates * hidden
+    directions = 2 if bidirectional else 1
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(layers):
+        width = input_size if k == 0 else directions * hidden
+        for suffix in ("", "_reverse")[:directions]:
+            shapes[f"{prefix}weight_ih_l{k}{suffix}"] = (gh, width)
+            shapes[f"{prefix}weight_hh_l{k}{suffix}"] = (gh, hidden)
+            shapes[f"{prefix}bias_ih_l{k}{suffix}"] = (gh,)
+            shapes[f"{prefix}bias_hh_l{k}{suffix}"] = (gh,)
+    return shapes
+
+
+def state_shapes(config: ModelConfig, num_words: int, num_chars: int, num_tags: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every saved tensor of ``Tagger.from_config`` (without the training-only LM
+    head), computed without building anything, so a model folder can be checked before its model
+    is allocated. Kept equal to the built model's state dict by a test."""
+    shapes: dict[str, tuple[int, ...]] = {"word_embedding.weight": (num_words, config.word_dim)}
+    width = config.word_dim
+    if config.char_encoder == "cnn":
+        shapes["char_encoder.embedding.weight"] = (num_chars, config.char_dim)
+        shapes["char_encoder.conv.weight"] = (config.char_hidden, config.char_dim, config.char_kernel)
+        shapes["char_encoder.conv.bias"] = (config.char_hidden,)
+        width += config.char_hidden
+    elif config.char_encoder == "lstm":
+        shapes["char_encoder.embedding.weight"] = (num_chars, config.char_dim)
+        shapes.update(_recurrent_shapes("char_encoder.encoder.", "lstm", config.char_dim, config.char_hidden, 1, True))
+        width += 2 * config.char_hidden
+    if config.case_dim:
+        shapes["case_embedding.weight"] = (NUM_CASES, config.case_dim)
+        width += config.case_dim
+    shapes.update(_recurrent_shapes("encoder.", config.cell, width, config.hidden_size, config.num_layers, config.bidirectional))
+    shapes["projection.weight"] = (num_tags, (2 if config.bidirectional else 1) * config.hidden_size)
+    shapes["projection.bias"] = (num_tags,)
+    if config.head == "crf":
+        for name in ("transitions", "transition_penalty"):
+            shapes[f"head.{name}"] = (num_tags, num_tags)
+        for name in ("start", "end", "start_penalty", "end_penalty"):
+            shapes[f"head.{name}"] = (num_tags,)
+    return shapes
 
 
 class LanguageModelHead(nn.Module):

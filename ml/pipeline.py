@@ -49,7 +49,7 @@ class TextTagger:
         predictions = self.predictor.predict([[t.text for t in s] for s in flat], batch_size) if flat else []
         results: list[TextResult] = []
         k = 0
-        for text, sents in zip(texts, per_text):
+        for text, sents in zip(texts, per_text, strict=True):
             entities: list[Entity] = []
             tokens: list[TokenTag] = []
             for sent in sents:
@@ -59,6 +59,6 @@ class TextTagger:
                     start, end = sent[span.start].start, sent[span.end - 1].end
                     entities.append(Entity(start, end, span.label, text[start:end], span.score))
                 iob = spans_to_tags([Span(s.start, s.end, s.label) for s in pred.spans], len(sent), "iob2")
-                tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores))
+                tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores, strict=True))
             results.append(TextResult(entities, tokens, len(sents)))
         return results

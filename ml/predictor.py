@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from ml.artifact import LoadedModel, entity_types, load_model
-from ml.data import Sentence
+from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.evaluate import Scores, entity_scores
 from ml.labels import Span, lenient_spans, spans_to_tags
@@ -35,7 +35,7 @@ class TaggedSentence:
 class Predictor:
     """Wraps a Tagger in eval mode with its vocabularies; ``load`` reads a model folder."""
 
-    def __init__(self, model: Tagger, vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None):
+    def __init__(self, model: Union[Tagger, torch.jit.ScriptModule], vocab: Vocabularies, max_word_length: int, device: str | torch.device = "cpu", loaded: Optional[LoadedModel] = None):
         self.model = model
         self.vocab = vocab
         self.max_word_length = max_word_length
@@ -49,7 +49,7 @@ class Predictor:
         Tagger is compiled with TorchScript, so the CRF's loops run without the Python interpreter
         too (see README, Performance)."""
         loaded = load_model(path, device)
-        model = loaded.model
+        model: Union[Tagger, torch.jit.ScriptModule] = loaded.model
         if script and loaded.config.model.backend == "script":
             model = torch.jit.script(model)
         return cls(model, loaded.vocab, loaded.config.model.max_word_length, device, loaded)
@@ -81,13 +81,13 @@ class Predictor:
         return results  # type: ignore[return-value]
 
 
-def evaluate(predictor: Predictor, sentences: Sequence[Sentence], batch_size: int = 256) -> Scores:
+def evaluate(predictor: Predictor, sentences: Sequence[Example], batch_size: int = 256) -> Scores:
     """Entity-level scores of the predictor on gold sentences, plus token and sentence counts."""
     results = predictor.predict([s.tokens for s in sentences], batch_size)
     scores = entity_scores([s.spans for s in sentences], [[Span(p.start, p.end, p.label) for p in r.spans] for r in results])
     scores.tokens = sum(len(s.tokens) for s in sentences)
     gold_tags = [spans_to_tags(s.spans, len(s.tokens), "iob2") for s in sentences]
     pred_tags = [spans_to_tags([Span(p.start, p.end, p.label) for p in r.spans], len(r.tags), "iob2") for r in results]
-    correct = sum(g == p for gs, ps in zip(gold_tags, pred_tags) for g, p in zip(gs, ps))
+    correct = sum(g == p for gs, ps in zip(gold_tags, pred_tags, strict=True) for g, p in zip(gs, ps, strict=True))
     scores.token_accuracy = correct / scores.tokens if scores.tokens else 0.0
     return scores

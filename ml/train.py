@@ -1,6 +1,17 @@
 """Training: minimise the tagging loss (CRF negative log-likelihood, or the seed's per-step
-cross-entropy summed over time) by backpropagation through time, with gradient-norm clipping,
-a decaying learning rate, early stopping on dev entity F1, and the best weights kept.
+cross-entropy summed over time) by backpropagation through time, with gradient-norm clipping and
+a decaying learning rate.
+
+``Trainer(model, vocab, data, config, callbacks)`` runs only the loop: batches, loss, backward,
+step, and (with dev data) one dev evaluation per epoch. Everything else is a ``Callback`` on its
+hooks: ``KeepBest`` (the best dev-F1 weights), ``EarlyStopping``, ``ProgressBar`` (tqdm),
+``LogProgress``, ``SaveModel`` and ``WriteMetrics``. What a fine-tune or a train+dev fit changes is
+passed in, not edited in: an already-built model, ``optimizer_factory`` (param groups, frozen
+layers), ``loss_terms`` (e.g. an L2 pull toward base weights), ``data.dev = None`` with no
+dev-selecting callbacks (a fixed epoch count), and examples that are any objects with ``tokens``
+and ``spans`` (sentences, or whole documents).
+
+``train(...)`` is the one-call front end: vocabularies, model, the default callbacks.
 
 Runs on CPU or CUDA, and under ``torchrun`` as DistributedDataParallel (gloo on CPU, NCCL on CUDA)
 without code changes: each process takes every WORLD_SIZE-th batch, rank 0 evaluates and saves.
@@ -18,13 +29,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ml.artifact import ModelMeta, build_model, entity_types, save_model
-from ml.config import Config
-from ml.data import Sentence
+from ml.config import Config, TrainConfig
+from ml.data import Example
 from ml.data.tensorize import Batch, tensorize
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
 from ml.evaluate import Scores
@@ -35,12 +47,18 @@ from ml.vocab import Vocabularies
 
 
 @dataclass
+class TrainData:
+    train: Sequence[Example]
+    dev: Sequence[Example] | None = None  # None: no dev evaluation (a fixed-epoch fit, e.g. on train+dev)
+
+
+@dataclass
 class EpochLog:
     epoch: int
     loss: float
     lr: float
     tokens_per_second: float
-    dev_f1: float
+    dev_f1: float  # -1.0 where not measured (no dev data, or a rank other than 0)
     seconds: float
 
 
@@ -53,16 +71,24 @@ class TrainResult:
     path: Path | None = None
 
 
-class Objective(nn.Module):
-    """The training loss as a module's forward, so DistributedDataParallel sees (and syncs) it."""
+LossTerm = Callable[[Tagger], Tensor]  # an extra scalar added to every batch's loss
 
-    def __init__(self, tagger: Tagger, lm_weight: float):
+
+class Objective(nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel sees (and syncs) it,
+    extra terms included."""
+
+    def __init__(self, tagger: Tagger, lm_weight: float, loss_terms: Sequence[LossTerm] = ()):
         super().__init__()
         self.tagger = tagger
         self.lm_weight = lm_weight
+        self.loss_terms = list(loss_terms)
 
     def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Tensor | None) -> Tensor:
-        return self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight)
+        loss = self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight)
+        for term in self.loss_terms:
+            loss = loss + term(self.tagger)
+        return loss
 
 
 def seed_everything(seed: int) -> None:
@@ -85,25 +111,28 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def data_fingerprint(sentences: Sequence[Sentence]) -> str:
+def data_fingerprint(sentences: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for s in sentences:
         h.update(json.dumps([s.tokens, [tuple(x) for x in s.spans]], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 
 
-def make_batches(sentences: Sequence[Sentence], batch_size: int, rng: random.Random) -> list[list[int]]:
+def make_batches(sentences: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffle, then sort within pools of 50 batches by length so a batch holds similar lengths
     (little padding), then shuffle the batches."""
     order = list(range(len(sentences)))
     rng.shuffle(order)
     pool = 50 * batch_size
-    batches = []
+    batches: list[list[int]] = []
     for lo in range(0, len(order), pool):
         chunk = sorted(order[lo : lo + pool], key=lambda i: len(sentences[i].tokens))
         batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+_T = TypeVar("_T")
 
 
 class _Distributed:
@@ -117,7 +146,7 @@ class _Distributed:
         if self.active and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    def broadcast(self, value):
+    def broadcast(self, value: _T) -> _T:
         if not self.active:
             return value
         box = [value]
@@ -129,7 +158,7 @@ class _Distributed:
             torch.distributed.destroy_process_group()
 
 
-def build_vocab(config: Config, train: Sequence[Sentence]) -> tuple[Vocabularies, tuple | None]:
+def build_vocab(config: Config, train: Sequence[Example]) -> tuple[Vocabularies, tuple | None]:
     types = {s.label for sent in train for s in sent.spans}
     if not types:
         raise ValueError("the training data has no entities; nothing to learn")
@@ -142,144 +171,372 @@ def build_vocab(config: Config, train: Sequence[Sentence]) -> tuple[Vocabularies
     return vocab, vectors
 
 
+def build_optimizer(model: Tagger, tc: TrainConfig) -> torch.optim.Optimizer:
+    """The default ``optimizer_factory``: one parameter group of every trainable parameter. A
+    fine-tune passes its own (param groups with their own lr, some parameters left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "nadam":
+        return torch.optim.NAdam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The default ``scheduler_factory``: lr at epoch e = lr / (1 + lr_decay * e), stepped per epoch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + tc.lr_decay * epoch))
+
+
+class Callback:
+    """Hooks the Trainer calls, in the order the callbacks are listed, on every process (check
+    ``trainer.is_main`` for what only rank 0 should do). A callback stops training by setting
+    ``trainer.should_stop``; rank 0's decision is the one all processes follow."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def on_batch_end(self, trainer: Trainer, loss: float, sequences: int, tokens: int) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """The loop is over; the model's weights may still change here (restored, rounded on save)."""
+
+    def on_result(self, trainer: Trainer, result: TrainResult) -> None:
+        """The final weights are measured: ``result.dev`` holds their dev scores (when there is dev data)."""
+
+
+class Trainer:
+    """The training loop over an already-built model (fresh, or loaded to fine-tune) and its vocabularies."""
+
+    def __init__(
+        self,
+        model: Tagger,
+        vocab: Vocabularies,
+        data: TrainData,
+        config: Config,
+        callbacks: Sequence[Callback] = (),
+        *,
+        device: torch.device | None = None,
+        optimizer_factory: Callable[[Tagger, TrainConfig], torch.optim.Optimizer] = build_optimizer,
+        scheduler_factory: Callable[[torch.optim.Optimizer, TrainConfig], torch.optim.lr_scheduler.LRScheduler] = build_scheduler,
+        loss_terms: Sequence[LossTerm] = (),
+        distributed: _Distributed | None = None,
+    ):
+        if not data.train:
+            raise ValueError("training needs non-empty train data")
+        if data.dev is not None and not data.dev:
+            raise ValueError("the dev data is empty; pass dev=None to train without a dev set")
+        self.config = config
+        self.tc, self.mc = config.train, config.model
+        self.dist = distributed or _Distributed()
+        self.device = device or pick_device(self.tc.device, self.dist.local_rank)
+        self.model = model.to(self.device)
+        self.vocab = vocab
+        self.data = data
+        self.callbacks = list(callbacks)
+        objective: nn.Module = Objective(self.model, self.mc.lm_weight, loss_terms)
+        if self.dist.active:
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.objective = objective
+        self.optimizer = optimizer_factory(self.model, self.tc)
+        self.scheduler = scheduler_factory(self.optimizer, self.tc)
+        self.predictor = Predictor(self.model, vocab, self.mc.max_word_length, self.device)
+        self.history: list[EpochLog] = []
+        self.epoch = 0
+        self.batches_in_epoch = 0  # on this process
+        self.selected_epoch = 0  # the epoch whose weights the model ends with (a callback may restore an earlier one)
+        self.should_stop = False
+        self.started = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def evaluate(self) -> Scores:
+        assert self.data.dev is not None, "evaluate needs dev data"
+        return evaluate(self.predictor, self.data.dev, self.tc.eval_batch_size)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def fit(self) -> TrainResult:
+        self.started = time.perf_counter()
+        train_data = self.data.train
+        tag_lists = [spans_to_tags(s.spans, len(s.tokens), self.mc.tag_scheme) for s in train_data]
+        lm_size = min(self.mc.lm_vocab, len(self.vocab.words)) if self.mc.lm_weight else 0
+        rng = random.Random(self.tc.seed)
+        self._call("on_train_start")
+        for epoch in range(1, self.tc.epochs + 1):
+            self.epoch = epoch
+            epoch_start = time.perf_counter()
+            self.model.train()
+            batches = make_batches(train_data, self.tc.batch_size, rng)
+            if self.dist.active:
+                per_rank = math.ceil(len(batches) / self.dist.world)
+                batches = (batches + batches[: per_rank * self.dist.world - len(batches)])[self.dist.rank :: self.dist.world]
+            self.batches_in_epoch = len(batches)
+            self._call("on_epoch_start", epoch)
+            total_loss, total_tokens, n_seq = 0.0, 0, 0
+            for indices in batches:
+                batch: Batch = tensorize(
+                    [list(train_data[i].tokens) for i in indices], self.vocab, self.mc.max_word_length, [tag_lists[i] for i in indices], lm_size
+                ).to(self.device)
+                value = self._step(batch)
+                tokens = int(batch.mask.sum())
+                total_loss += value * len(indices)
+                total_tokens += tokens
+                n_seq += len(indices)
+                self._call("on_batch_end", value, len(indices), tokens)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            seconds = time.perf_counter() - epoch_start
+            dev_f1 = self.evaluate().f1 if self.is_main and self.data.dev is not None else -1.0
+            log = EpochLog(epoch, total_loss / max(n_seq, 1), lr, total_tokens * self.dist.world / seconds, dev_f1, seconds)
+            self.history.append(log)
+            self.selected_epoch = epoch
+            self._call("on_epoch_end", log)
+            if self.dist.broadcast(self.should_stop):
+                break
+        self._call("on_train_end")
+        self.model.eval()
+        result = TrainResult(self.selected_epoch, Scores(0, 0, 0, 0, 0, 0), self.history)
+        if self.is_main and self.data.dev is not None:
+            result.dev = self.evaluate()
+        result.seconds = time.perf_counter() - self.started
+        self._call("on_result", result)
+        return result
+
+    def _step(self, batch: Batch) -> float:
+        loss = self.objective(*batch.inputs, batch.tags, batch.lm_targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tc.clip_norm:
+            nn.utils.clip_grad_norm_(self.trainable, self.tc.clip_norm)
+        self.optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"epoch {self.epoch}: the loss became {value}; lower train.lr or set train.clip_norm")
+        return value
+
+
+class KeepBest(Callback):
+    """Selects on dev: keeps a CPU copy of the weights with the best dev F1, restores them at the end."""
+
+    def __init__(self) -> None:
+        self.best_f1, self.best_epoch = -1.0, 0
+        self.state: dict[str, Tensor] | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.data.dev is None:
+            raise ValueError("KeepBest selects weights on dev F1 but the Trainer has no dev data")
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
+        if trainer.is_main and log.dev_f1 > self.best_f1:
+            self.best_f1, self.best_epoch = log.dev_f1, log.epoch
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()})
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.is_main and self.state is not None:
+            trainer.model.load_state_dict(self.state)
+            trainer.selected_epoch = self.best_epoch
+
+
+class EarlyStopping(Callback):
+    """Stops after ``patience`` epochs without a better dev F1 (0: never)."""
+
+    def __init__(self, patience: int, log: Callable[[str], None] | None = None):
+        self.patience = patience
+        self.log = log
+        self.best_f1, self.stale = -1.0, 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.data.dev is None:
+            raise ValueError("EarlyStopping watches dev F1 but the Trainer has no dev data")
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
+        if not trainer.is_main:
+            return
+        if log.dev_f1 > self.best_f1:
+            self.best_f1, self.stale = log.dev_f1, 0
+        else:
+            self.stale += 1
+        if self.patience > 0 and self.stale >= self.patience:
+            trainer.should_stop = True
+            if self.log is not None:
+                self.log(f"early stop: no better dev F1 for {self.patience} epochs")
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch on rank 0: batches done, last loss, tokens per second."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.tokens, self.start = 0, 0.0
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if trainer.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.batches_in_epoch, desc=f"epoch {epoch}/{trainer.tc.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+            self.tokens, self.start = 0, time.perf_counter()
+
+    def on_batch_end(self, trainer: Trainer, loss: float, sequences: int, tokens: int) -> None:
+        if self.bar is not None:
+            self.tokens += tokens
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens / (time.perf_counter() - self.start):.0f}")
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LogProgress(Callback):
+    """One line at the start, one per epoch, one at the end (rank 0)."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.best_f1 = -1.0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        mc, data = trainer.mc, trainer.data
+        self.log(
+            f"training {mc.cell} ({'bi' if mc.bidirectional else 'uni'}directional, {mc.num_layers} layer(s), {mc.backend}) + {mc.head} "
+            f"on {len(data.train)} sequences, dev {len(data.dev) if data.dev is not None else 'none'}, {len(trainer.vocab.words)} word keys, "
+            f"{len(trainer.vocab.tags)} tags, {sum(p.numel() for p in trainer.trainable)} trainable parameters, device {trainer.device}, "
+            f"{trainer.dist.world} process(es)"
+        )
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
+        if not trainer.is_main:
+            return
+        line = f"epoch {log.epoch:3d}  loss {log.loss:8.3f}  lr {log.lr:.5f}  {log.tokens_per_second:7.0f} tok/s"
+        if trainer.data.dev is not None:
+            improved = log.dev_f1 > self.best_f1
+            self.best_f1 = max(self.best_f1, log.dev_f1)
+            line += f"  dev F1 {100 * log.dev_f1:6.2f}{'  *' if improved else ''}"
+        self.log(f"{line}  ({log.seconds:.0f}s)")
+
+    def on_result(self, trainer: Trainer, result: TrainResult) -> None:
+        if trainer.is_main:
+            dev = f": dev F1 {100 * result.dev.f1:.2f}" if trainer.data.dev is not None else ""
+            saved = f"; saved to {result.path}" if result.path else ""
+            self.log(f"{'best' if trainer.data.dev is not None else 'last'} epoch {result.best_epoch}{dev}; {result.seconds:.0f}s{saved}")
+
+
+class SaveModel(Callback):
+    """Writes the model folder on rank 0 once the final weights are chosen. Saving rounds the word
+    embedding to its stored precision, so the dev scores are then measured on what was saved."""
+
+    def __init__(self, out: Path, name: str, version: str, lineage: dict | None = None):
+        self.out = Path(out)
+        self.name, self.version = name, version
+        self.lineage = dict(lineage or {})
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        data, mc = trainer.data, trainer.mc
+        meta = ModelMeta(self.name, self.version, trainer.config.language, mc.tag_scheme, entity_types(trainer.vocab), lineage=dict(self.lineage))
+        meta.lineage.setdefault("train_sentences", len(data.train))
+        meta.lineage.setdefault("train_fingerprint", data_fingerprint(data.train))
+        if data.dev is not None:
+            meta.lineage.setdefault("dev_fingerprint", data_fingerprint(data.dev))
+        save_model(self.out, trainer.model, trainer.config, trainer.vocab, meta, {})
+
+    def on_result(self, trainer: Trainer, result: TrainResult) -> None:
+        if trainer.is_main:
+            result.path = self.out
+
+
+class WriteMetrics(Callback):
+    """metrics.json in the model folder: dev scores of the saved weights, selected epoch, history."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def on_result(self, trainer: Trainer, result: TrainResult) -> None:
+        if not trainer.is_main:
+            return
+        metrics = {
+            "dev": result.dev.to_dict() if trainer.data.dev is not None else None,
+            "best_epoch": result.best_epoch,
+            "train_seconds": round(result.seconds, 1),
+            "device": str(trainer.device),
+            "processes": trainer.dist.world,
+            "history": [h.__dict__ for h in result.history],
+        }
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def default_callbacks(
+    config: Config, out: Path | None, name: str, version: str, lineage: dict | None, progress: bool, log: Callable[[str], None], select_on_dev: bool = True
+) -> list[Callback]:
+    """What ``train`` uses: dev selection and early stopping (unless ``select_on_dev`` is off, for a
+    fixed-epoch fit), progress and log lines, then saving and metrics. The order matters: the best
+    weights are restored before they are saved."""
+    callbacks: list[Callback] = [KeepBest(), EarlyStopping(config.train.patience, log)] if select_on_dev else []
+    if progress:
+        callbacks.append(ProgressBar())
+    callbacks.append(LogProgress(log))
+    if out is not None:
+        callbacks += [SaveModel(out, name, version, lineage), WriteMetrics(out)]
+    return callbacks
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def train(
     config: Config,
-    train_data: Sequence[Sentence],
-    dev_data: Sequence[Sentence],
+    train_data: Sequence[Example],
+    dev_data: Sequence[Example] | None,
     out: Path | None,
     name: str = "model",
     version: str = "0.1.0",
     lineage: dict | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = _stderr,
+    callbacks: Sequence[Callback] | None = None,
 ) -> TrainResult:
+    """Build the vocabularies and a fresh model from ``config`` and train it with the default
+    callbacks (or the given ones). ``dev_data=None`` trains for exactly ``train.epochs`` epochs with
+    no dev selection (e.g. a final fit on train+dev)."""
     config.validate()
-    tc, mc = config.train, config.model
+    tc = config.train
     dist = _Distributed()
     device = pick_device(tc.device, dist.local_rank)
     dist.start(device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    seed_everything(tc.seed)
-    started = time.perf_counter()
-    if tc.max_train_sentences:
-        train_data = list(train_data)[: tc.max_train_sentences]
-    if not train_data or not dev_data:
-        raise ValueError("training needs non-empty train and dev data")
-
-    vocab, vectors = build_vocab(config, train_data)
-    model = build_model(config, vocab, generator=torch.Generator().manual_seed(tc.seed))
-    if vectors is not None:
-        covered = initialise_embedding(model.word_embedding, vocab.words, *vectors)
-        if dist.rank == 0:
-            log(f"pretrained {tc.pretrained}: {covered} of {len(vocab.words)} word keys initialised")
-    if tc.freeze_embeddings:
-        model.word_embedding.weight.requires_grad_(False)
-    model.to(device)
-    objective: nn.Module = Objective(model, mc.lm_weight)
-    if dist.active:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if tc.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + tc.lr_decay * epoch))
-    tag_lists = [spans_to_tags(s.spans, len(s.tokens), mc.tag_scheme) for s in train_data]
-    predictor = Predictor(model, vocab, mc.max_word_length, device)
-    rng = random.Random(tc.seed)
-    lm_size = min(mc.lm_vocab, len(vocab.words)) if mc.lm_weight else 0
-    if dist.rank == 0:
-        n_params = sum(p.numel() for p in params)
-        log(
-            f"training {mc.cell} ({'bi' if mc.bidirectional else 'uni'}directional, {mc.num_layers} layer(s), {mc.backend}) + {mc.head} "
-            f"on {len(train_data)} sentences, dev {len(dev_data)}, {len(vocab.words)} word keys, {len(vocab.tags)} tags, "
-            f"{n_params} trainable parameters, device {device}, {dist.world} process(es)"
-        )
-
-    best_f1, best_epoch, best_state, stale = -1.0, 0, None, 0
-    history: list[EpochLog] = []
-    for epoch in range(1, tc.epochs + 1):
-        epoch_start = time.perf_counter()
-        model.train()
-        batches = make_batches(train_data, tc.batch_size, rng)
-        if dist.active:
-            per_rank = math.ceil(len(batches) / dist.world)
-            batches = (batches + batches[: per_rank * dist.world - len(batches)])[dist.rank :: dist.world]
-        bar = None
-        if progress and dist.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, dynamic_ncols=True)
-        total_loss, total_tokens = 0.0, 0
-        for indices in batches:
-            batch: Batch = tensorize([train_data[i].tokens for i in indices], vocab, mc.max_word_length, [tag_lists[i] for i in indices], lm_size).to(device)
-            loss = objective(*batch.inputs, batch.tags, batch.lm_targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.clip_norm:
-                nn.utils.clip_grad_norm_(params, tc.clip_norm)
-            optimizer.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"epoch {epoch}: the loss became {value}; lower train.lr or set train.clip_norm")
-            tokens = int(batch.mask.sum())
-            total_loss += value * len(indices)
-            total_tokens += tokens
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{total_tokens / (time.perf_counter() - epoch_start):.0f}")
-        if bar is not None:
-            bar.close()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        seconds = time.perf_counter() - epoch_start
-        dev_f1 = -1.0
-        if dist.rank == 0:
-            dev_f1 = evaluate(predictor, dev_data, tc.eval_batch_size).f1
-            n_sent = sum(len(b) for b in batches)
-            history.append(EpochLog(epoch, total_loss / max(n_sent, 1), lr, total_tokens * dist.world / seconds, dev_f1, seconds))
-            improved = dev_f1 > best_f1
-            if improved:
-                best_f1, best_epoch, stale = dev_f1, epoch, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            else:
-                stale += 1
-            log(
-                f"epoch {epoch:3d}  loss {history[-1].loss:8.3f}  lr {lr:.5f}  {history[-1].tokens_per_second:7.0f} tok/s  "
-                f"dev F1 {100 * dev_f1:6.2f}{'  *' if improved else ''}  ({seconds:.0f}s)"
-            )
-        stop = dist.broadcast(tc.patience > 0 and stale >= tc.patience)
-        if stop:
+    try:
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        seed_everything(tc.seed)
+        if tc.max_train_sentences:
+            train_data = list(train_data)[: tc.max_train_sentences]
+        if not train_data or (dev_data is not None and not dev_data):
+            raise ValueError("training needs non-empty train and dev data (dev_data=None trains without dev)")
+        vocab, vectors = build_vocab(config, train_data)
+        model = build_model(config, vocab, generator=torch.Generator().manual_seed(tc.seed))
+        if vectors is not None:
+            covered = initialise_embedding(model.word_embedding, vocab.words, *vectors)
             if dist.rank == 0:
-                log(f"early stop: no better dev F1 for {tc.patience} epochs")
-            break
-
-    result = TrainResult(best_epoch, Scores(0, 0, 0, 0, 0, 0), history)
-    if dist.rank == 0:
-        assert best_state is not None
-        model.load_state_dict(best_state)
-        model.eval()
-        if out is not None:
-            # save first (rounds the embedding to its stored precision), then measure what was saved
-            meta = ModelMeta(name, version, config.language, mc.tag_scheme, entity_types(vocab), lineage=dict(lineage or {}))
-            meta.lineage.setdefault("train_sentences", len(train_data))
-            meta.lineage.setdefault("train_fingerprint", data_fingerprint(train_data))
-            meta.lineage.setdefault("dev_fingerprint", data_fingerprint(dev_data))
-            save_model(out, model, config, vocab, meta, {})
-            result.path = Path(out)
-        result.dev = evaluate(predictor, dev_data, tc.eval_batch_size)
-        result.seconds = time.perf_counter() - started
-        if out is not None:
-            metrics = {
-                "dev": result.dev.to_dict(),
-                "best_epoch": best_epoch,
-                "train_seconds": round(result.seconds, 1),
-                "device": str(device),
-                "processes": dist.world,
-                "history": [h.__dict__ for h in history],
-            }
-            (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log(f"best epoch {best_epoch}: dev F1 {100 * result.dev.f1:.2f}; {result.seconds:.0f}s" + (f"; saved to {out}" if out else ""))
-    dist.stop()
-    return result
+                log(f"pretrained {tc.pretrained}: {covered} of {len(vocab.words)} word keys initialised")
+        if tc.freeze_embeddings:
+            model.word_embedding.weight.requires_grad_(False)
+        if callbacks is None:
+            callbacks = default_callbacks(config, out, name, version, lineage, progress, log, select_on_dev=dev_data is not None)
+        trainer = Trainer(model, vocab, TrainData(train_data, dev_data), config, callbacks, device=device, distributed=dist)
+        return trainer.fit()
+    finally:
+        dist.stop()

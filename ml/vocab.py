@@ -15,9 +15,8 @@ UNK = "<unk>"
 PAD_ID = 0
 UNK_ID = 1
 
-# Casing classes (0 is padding): the small hand feature of Huang et al. / Lample et al.
-# ``casing`` returns the numbers as literals because TorchScript cannot read module globals.
-CASE_PAD, CASE_LOWER, CASE_UPPER, CASE_TITLE, CASE_MIXED, CASE_NUMERIC, CASE_HAS_DIGIT, CASE_OTHER = range(8)
+# Casing classes (0 is padding; the small hand feature of Huang et al. / Lample et al.), numbered in
+# ``casing_class``'s docstring: the numbers are literals because TorchScript cannot read module globals.
 NUM_CASES = 8
 
 
@@ -91,7 +90,11 @@ class Vocab:
     def from_counts(cls, counts: Counter, min_count: int = 1, extra: Iterable[str] = ()) -> Vocab:
         kept = [s for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
         seen = set(kept)
-        return cls(kept + [s for s in extra if s not in seen and not seen.add(s)])
+        for s in extra:
+            if s not in seen:
+                seen.add(s)
+                kept.append(s)
+        return cls(kept)
 
     def to_json(self) -> dict:
         return {"specials": self.specials, "items": self.itos[2:] if self.specials else self.itos}
@@ -115,7 +118,10 @@ class Vocabularies:
 
     @classmethod
     def load(cls, folder: Path) -> Vocabularies:
-        data = json.loads((Path(folder) / "vocab.json").read_text())
+        return cls.from_json(json.loads((Path(folder) / "vocab.json").read_text()))
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocabularies:
         return cls(Vocab.from_json(data["words"]), Vocab.from_json(data["chars"]), Vocab.from_json(data["tags"]))
 
     @classmethod

@@ -1,9 +1,10 @@
 """Corpora: sentences of tokens with entity spans, their readers and writers, and ``tensorize``."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Protocol
 
 from ml.labels import Span
 
@@ -14,6 +15,17 @@ class DataFormatError(ValueError):
     def __init__(self, path: str | Path, line: int, reason: str):
         super().__init__(f"{path}:{line}: {reason}")
         self.path, self.line, self.reason = str(path), line, reason
+
+
+class Example(Protocol):
+    """What training and evaluation read from a sequence: its tokens and entity spans. A
+    ``Sentence`` is one; so is a whole document's tokens with its spans (document context)."""
+
+    @property
+    def tokens(self) -> Sequence[str]: ...
+
+    @property
+    def spans(self) -> Sequence[Span]: ...
 
 
 @dataclass

@@ -77,7 +77,7 @@ def write_conll(sentences: Iterable[Sentence], out: TextIO, scheme: str = "iob2"
         if docstart and s.doc_id is not None and s.doc_id != previous_doc:
             out.write("-DOCSTART- O\n\n")
             previous_doc = s.doc_id
-        for token, tag in zip(s.tokens, spans_to_tags(s.spans, len(s.tokens), scheme)):
+        for token, tag in zip(s.tokens, spans_to_tags(s.spans, len(s.tokens), scheme), strict=True):
             if any(ch.isspace() for ch in token):
                 raise ValueError(f"token {token!r} contains whitespace and cannot be written as a CoNLL column")
             out.write(f"{token} {tag}\n")

@@ -5,6 +5,7 @@ Texts are tokenized and split into sentences by the same spaCy tokenizer the ser
 sentence boundary that would cut an entity is not used."""
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,7 +41,7 @@ def parse_record(record: object) -> tuple[str, list[tuple[int, int, str]]]:
             raise ValueError(f"entity {k}: label {label!r} must be a non-empty string without '-' or surrounding spaces")
         spans.append((start, end, label))
     spans.sort()
-    for a, b in zip(spans, spans[1:]):
+    for a, b in itertools.pairwise(spans):
         if b[0] < a[1]:
             raise ValueError(f"entities [{a[0]}, {a[1]}) and [{b[0]}, {b[1]}) overlap")
     return text, spans

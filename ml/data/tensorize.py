@@ -19,11 +19,18 @@ class Batch:
     tags: Tensor | None = None  # (B, T) gold tag ids
     lm_targets: Tensor | None = None  # (B, T) ids for the auxiliary language model
 
-    def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in (self.words, self.chars, self.cases, self.mask, self.tags, self.lm_targets)))
+    def to(self, device: str | torch.device) -> Batch:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=True)
+
+        return Batch(
+            move(self.words), move(self.chars), move(self.cases), move(self.mask),
+            move(self.tags) if self.tags is not None else None,
+            move(self.lm_targets) if self.lm_targets is not None else None,
+        )
 
     @property
-    def inputs(self):
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.words, self.chars, self.cases, self.mask
 
 

@@ -21,7 +21,7 @@ class Tokenizer:
 
         try:
             self.nlp = spacy.blank(language)
-        except (ImportError, KeyError, Exception) as e:  # spaCy raises its own error class per version
+        except (ImportError, KeyError, ValueError) as e:  # an unknown code, or a language whose extra packages are missing
             raise ValueError(f"spaCy has no tokenizer for language code {language!r}: {e}") from None
         self.nlp.add_pipe("sentencizer")
         self.language = language

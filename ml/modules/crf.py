@@ -7,7 +7,7 @@ The CRF knows nothing of tag strings: the scheme's constraints come in as index 
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,12 @@ class CRF(nn.Module):
     """``transitions[i, j]`` scores tag ``i`` followed by tag ``j``; ``start[j]`` and ``end[i]`` score
     the first and last tag of a sequence. Forbidden moves carry a fixed ``FORBIDDEN`` penalty."""
 
-    __constants__ = ["tiny"]
+    __constants__ = ("tiny",)
+    if TYPE_CHECKING:  # buffers registered in __init__, declared for mypy only (TorchScript cannot
+        # resolve a class-level annotation written as a string under `from __future__ import annotations`)
+        transition_penalty: Tensor
+        start_penalty: Tensor
+        end_penalty: Tensor
 
     def __init__(
         self,
@@ -179,7 +184,7 @@ def _penalty(shape: Tuple[int, ...], allowed: Optional[Iterable[Tuple[int, ...]]
         return torch.zeros(shape)
     penalty = torch.full(shape, FORBIDDEN)
     for index in allowed:
-        if any(not 0 <= i < n for i, n in zip(index, shape)):
+        if len(index) != len(shape) or any(not 0 <= i < n for i, n in zip(index, shape, strict=True)):
             raise ValueError(f"allowed transition {index} is outside {shape}")
         penalty[index] = 0.0
     return penalty

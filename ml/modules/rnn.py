@@ -22,18 +22,26 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-BACKENDS = ("script", "cudnn")
-_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-# integer codes so the per-step branch in TorchScript compares ints, not strings
-_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2, "lstm": 3}
+BACKENDS = ("script", "native")
+# older model folders and configs name the torch.nn backend "cudnn" (it is torch.nn's fused kernels,
+# cuDNN on a GPU and the native ones on a CPU); they still load
+BACKEND_ALIASES = {"cudnn": "native"}
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def canonical_backend(backend: str) -> str:
+    """The backend's current name (an old alias mapped to it); an unknown name is an error."""
+    backend = BACKEND_ALIASES.get(backend, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown recurrence backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
 
 
 def _check_cell(cell: str) -> str:
@@ -42,22 +50,72 @@ def _check_cell(cell: str) -> str:
     return cell
 
 
-class RecurrentLayer(nn.Module):
-    """One recurrent layer, one or two directions advancing in the same loop."""
+# One time step of each cell, as PyTorch's custom_lstms.py keeps one cell per class. Each takes the
+# precomputed input and recurrent projections of both directions, gates_x and gates_h (D, B, G*H),
+# and the state and cell (D, B, H), and returns the new (state, cell); only the LSTM has a cell, the
+# others return theirs unchanged. The gate order is torch.nn's.
 
-    __constants__ = ["code", "hidden_size", "num_directions"]
+
+class Step(nn.Module):
+    gates = 0  # G: blocks of H rows in weight_ih / weight_hh
+
+
+class TanhStep(Step):
+    gates = 1
+
+    def forward(self, gates_x: Tensor, gates_h: Tensor, state: Tensor, cell: Tensor) -> Tuple[Tensor, Tensor]:
+        return torch.tanh(gates_x + gates_h), cell
+
+
+class ReluStep(Step):
+    gates = 1
+
+    def forward(self, gates_x: Tensor, gates_h: Tensor, state: Tensor, cell: Tensor) -> Tuple[Tensor, Tensor]:
+        return torch.relu(gates_x + gates_h), cell
+
+
+class GRUStep(Step):
+    gates = 3  # r, z, n
+
+    def forward(self, gates_x: Tensor, gates_h: Tensor, state: Tensor, cell: Tensor) -> Tuple[Tensor, Tensor]:
+        xr, xz, xn = gates_x.chunk(3, 2)
+        hr, hz, hn = gates_h.chunk(3, 2)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)  # the reset gate scales the recurrent part only, as in torch.nn
+        return n + z * (state - n), cell
+
+
+class LSTMStep(Step):
+    gates = 4  # i, f, g, o
+
+    def forward(self, gates_x: Tensor, gates_h: Tensor, state: Tensor, cell: Tensor) -> Tuple[Tensor, Tensor]:
+        i, f, g, o = (gates_x + gates_h).chunk(4, 2)
+        new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(new_cell), new_cell
+
+
+STEPS: Dict[str, Type[Step]] = {"rnn_tanh": TanhStep, "rnn_relu": ReluStep, "gru": GRUStep, "lstm": LSTMStep}
+
+
+class RecurrentLayer(nn.Module):
+    """One recurrent layer: one or two directions advancing in one loop over a cell's step."""
+
+    __constants__ = ("has_cell", "hidden_size", "num_directions")
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, bidirectional: bool = True):
         super().__init__()
-        gates = _GATES[_check_cell(cell)]
+        step = STEPS[_check_cell(cell)]
         if input_size <= 0 or hidden_size <= 0:
             raise ValueError(f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}")
         self.cell = cell
-        self.code = _CODES[cell]
+        self.step = step()
+        # a constant, so the scripted loop has no cell-state update for cells without one
+        self.has_cell = cell == "lstm"
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_directions = 2 if bidirectional else 1
-        d, gh = self.num_directions, gates * hidden_size
+        d, gh = self.num_directions, step.gates * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(d, gh, input_size))
         self.weight_hh = nn.Parameter(torch.empty(d, gh, hidden_size))
         self.bias_ih = nn.Parameter(torch.empty(d, gh))
@@ -82,7 +140,7 @@ class RecurrentLayer(nn.Module):
     def make_echo_state(self, spectral_radius: float, generator: torch.Generator | None = None) -> None:
         """The seed's echo-state network: random recurrent weights scaled to a spectral radius
         below 1 (so the state fades instead of exploding), then frozen."""
-        if self.code > 1:
+        if self.cell not in ("rnn_tanh", "rnn_relu"):
             raise ValueError(f"the echo-state variant is defined for the basic RNN, not {self.cell}")
         if not 0.0 < spectral_radius < 1.0:
             raise ValueError(f"spectral_radius must lie in (0, 1), got {spectral_radius}")
@@ -126,22 +184,10 @@ class RecurrentLayer(nn.Module):
         for t in range(steps):
             gates_x = inputs[t]
             gates_h = torch.baddbmm(b_hh, state, w_hh)  # one matmul for both directions
-            if self.code == 3:  # LSTM
-                i, f, g, o = (gates_x + gates_h).chunk(4, 2)
-                new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-                new_state = torch.sigmoid(o) * torch.tanh(new_cell)
+            new_state, new_cell = self.step(gates_x, gates_h, state, cell)
+            # past a sequence's end the state (and the LSTM's cell) stays as it was at its last real step
+            if self.has_cell:
                 cell = torch.where(live[t], new_cell, cell)
-            elif self.code == 2:  # GRU
-                xr, xz, xn = gates_x.chunk(3, 2)
-                hr, hz, hn = gates_h.chunk(3, 2)
-                r = torch.sigmoid(xr + hr)
-                z = torch.sigmoid(xz + hz)
-                n = torch.tanh(xn + r * hn)
-                new_state = n + z * (state - n)
-            elif self.code == 1:
-                new_state = torch.relu(gates_x + gates_h)
-            else:
-                new_state = torch.tanh(gates_x + gates_h)
             state = torch.where(live[t], new_state, state)
             outputs.append(state)
 
@@ -153,38 +199,48 @@ class RecurrentLayer(nn.Module):
         return out, state, cell
 
 
-class RecurrentEncoder(nn.Module):
-    """Stacked recurrent layers with dropout between them; ``torch.nn.LSTM``-compatible state dict."""
+class EncoderBase(nn.Module):
+    """What both backends share: the arguments, their checks, and the sizes the Tagger reads.
+    Subclasses take (x (B, T, I), mask (B, T)) and return output (B, T, D*H), h_n and c_n (L*D, B, H),
+    with torch.nn.RNN/GRU/LSTM state-dict names."""
 
-    def __init__(
-        self,
-        cell: str,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bidirectional: bool = True,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = True, dropout: float = 0.0):
         super().__init__()
+        _check_cell(cell)
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if input_size <= 0 or hidden_size <= 0:
+            raise ValueError(f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        d = 2 if bidirectional else 1
         self.cell = cell
+        self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
-        self.output_size = d * hidden_size
+        self.num_directions = 2 if bidirectional else 1
+        self.output_size = self.num_directions * hidden_size
         self.dropout = dropout
+
+    def make_echo_state(self, spectral_radius: float, generator: torch.Generator | None = None) -> None:
+        raise NotImplementedError
+
+
+class RecurrentEncoder(EncoderBase):
+    """Stacked recurrent layers with dropout between them; ``torch.nn.LSTM``-compatible state dict."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = True, dropout: float = 0.0):
+        super().__init__(cell, input_size, hidden_size, num_layers, bidirectional, dropout)
         self.layers = nn.ModuleList(
-            [RecurrentLayer(cell, input_size if k == 0 else d * hidden_size, hidden_size, bidirectional) for k in range(num_layers)]
+            [RecurrentLayer(cell, input_size if k == 0 else self.output_size, hidden_size, bidirectional) for k in range(num_layers)]
         )
-        self._register_state_dict_hook(_to_torch_names)
+        self.register_state_dict_post_hook(_to_torch_names)
         self.register_load_state_dict_pre_hook(_from_torch_names)
 
     def make_echo_state(self, spectral_radius: float, generator: torch.Generator | None = None) -> None:
         for layer in self.layers:
+            if not isinstance(layer, RecurrentLayer):  # a scripted layer has lost its Python methods
+                raise RuntimeError("make_echo_state must run before the layers are scripted (build_encoder does it in that order)")
             layer.make_echo_state(spectral_radius, generator)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -224,35 +280,29 @@ def _from_torch_names(module: nn.Module, state_dict, prefix, local_metadata, str
         state_dict[f"{prefix}layers.{layer}.{name}"] = torch.stack([parts[d] for d in sorted(parts)], 0)
 
 
-class TorchRecurrentEncoder(nn.Module):
-    """The ``cudnn`` backend: ``torch.nn.RNN/GRU/LSTM`` over packed sequences, same interface and
-    state dict as ``RecurrentEncoder``. Packing needs the lengths on the host, so this backend
-    synchronises once per call; it is for training speed on GPUs, and exports fall back to
-    ``RecurrentEncoder`` with the same weights."""
+class TorchRecurrentEncoder(EncoderBase):
+    """The ``native`` backend (called ``cudnn`` before): ``torch.nn.RNN/GRU/LSTM`` over packed
+    sequences, fused kernels (cuDNN on a GPU, torch's own on a CPU), same interface and state dict
+    as ``RecurrentEncoder``. Packing needs the lengths on the host, so this backend synchronises once
+    per call; it is for training speed, and exports fall back to ``RecurrentEncoder`` with the same
+    weights."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = True, dropout: float = 0.0):
-        super().__init__()
-        _check_cell(cell)
-        kwargs = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bidirectional=bidirectional, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+        super().__init__(cell, input_size, hidden_size, num_layers, bidirectional, dropout)
+        rnn_dropout = dropout if num_layers > 1 else 0.0
         if cell == "lstm":
-            self.rnn: nn.RNNBase = nn.LSTM(**kwargs)
+            self.rnn: nn.RNNBase = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout, bidirectional=bidirectional)
         elif cell == "gru":
-            self.rnn = nn.GRU(**kwargs)
+            self.rnn = nn.GRU(input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout, bidirectional=bidirectional)
         else:
-            self.rnn = nn.RNN(nonlinearity=cell[4:], **kwargs)
-        self.cell = cell
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.bidirectional = bidirectional
-        self.output_size = (2 if bidirectional else 1) * hidden_size
-        self.dropout = dropout
+            self.rnn = nn.RNN(input_size, hidden_size, num_layers, nonlinearity=cell[4:], batch_first=True, dropout=rnn_dropout, bidirectional=bidirectional)
         # same initialisation as the scripted encoder
         self.rnn.load_state_dict(RecurrentEncoder(cell, input_size, hidden_size, num_layers, bidirectional).state_dict())
-        self._register_state_dict_hook(_strip_rnn_prefix)
+        self.register_state_dict_post_hook(_strip_rnn_prefix)
         self.register_load_state_dict_pre_hook(_add_rnn_prefix)
 
     def make_echo_state(self, spectral_radius: float, generator: torch.Generator | None = None) -> None:
-        scripted = RecurrentEncoder(self.cell, self.rnn.input_size, self.hidden_size, self.num_layers, self.bidirectional)
+        scripted = RecurrentEncoder(self.cell, self.input_size, self.hidden_size, self.num_layers, self.bidirectional)
         scripted.load_state_dict(self.state_dict())
         scripted.make_echo_state(spectral_radius, generator)
         self.load_state_dict(scripted.state_dict())
@@ -296,16 +346,16 @@ def build_encoder(
     dropout: float = 0.0,
     echo_state_radius: float = 0.0,
     generator: torch.Generator | None = None,
-) -> nn.Module:
+) -> EncoderBase:
     """The one factory: ``script`` gives ``RecurrentEncoder`` with each layer ``torch.jit.script``-ed,
-    ``cudnn`` gives ``TorchRecurrentEncoder``. Both take (x, mask) and share state-dict names.
-    ``echo_state_radius > 0`` makes the basic RNN an echo-state network (frozen recurrent weights)."""
-    if backend == "script":
-        encoder: nn.Module = RecurrentEncoder(cell, input_size, hidden_size, num_layers, bidirectional, dropout)
-    elif backend == "cudnn":
-        encoder = TorchRecurrentEncoder(cell, input_size, hidden_size, num_layers, bidirectional, dropout)
+    ``native`` (old name ``cudnn``) gives ``TorchRecurrentEncoder``. Both take (x, mask) and share
+    state-dict names. ``echo_state_radius > 0`` makes the basic RNN an echo-state network (frozen
+    recurrent weights)."""
+    encoder: EncoderBase
+    if canonical_backend(backend) == "script":
+        encoder = RecurrentEncoder(cell, input_size, hidden_size, num_layers, bidirectional, dropout)
     else:
-        raise ValueError(f"unknown recurrence backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        encoder = TorchRecurrentEncoder(cell, input_size, hidden_size, num_layers, bidirectional, dropout)
     if echo_state_radius > 0:
         encoder.make_echo_state(echo_state_radius, generator)
     if isinstance(encoder, RecurrentEncoder):

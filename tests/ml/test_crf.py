@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from ml.labels import allowed_transitions, tag_set, tags_to_spans
+from ml.labels import allowed_transitions, tag_set
 from ml.modules.crf import CRF, FORBIDDEN, SoftmaxHead
 
 LENGTHS = [4, 2, 1, 3]
@@ -59,7 +59,7 @@ def test_log_partition_viterbi_and_marginals_equal_brute_force(constrained, seed
         assert best[b, n:].eq(0).all()
         probs = torch.softmax(values, 0)
         expected = torch.zeros(n, crf.num_tags, dtype=torch.float64)
-        for p, seq in zip(probs, scores):
+        for p, seq in zip(probs, scores, strict=True):
             for t, k in enumerate(seq):
                 expected[t, k] += p
         torch.testing.assert_close(marginals[b, :n].double(), expected, atol=1e-5, rtol=0)
@@ -73,8 +73,17 @@ def test_viterbi_never_uses_a_forbidden_transition():
     g = torch.Generator().manual_seed(5)
     emissions = torch.randn(64, 7, len(tags), generator=g) * 5  # strong emissions that want invalid paths
     mask = torch.ones(64, 7, dtype=torch.bool)
-    for row in crf.decode(emissions, mask).tolist():
-        tags_to_spans([tags[k] for k in row], "bioes")  # raises TagError on an invalid sequence
+    pair_list, start_list, end_list = allowed_transitions(tags, "bioes")
+    pairs, starts, ends = set(pair_list), set(start_list), set(end_list)
+
+    def valid(row: list[int]) -> bool:
+        return row[0] in starts and row[-1] in ends and all(pair in pairs for pair in itertools.pairwise(row))
+
+    # the emissions alone pick invalid paths, so the CRF's constraints are what is being tested
+    assert not all(valid(row) for row in emissions.argmax(2).tolist())
+    decoded = crf.decode(emissions, mask).tolist()
+    invalid = [row for row in decoded if not valid(row)]
+    assert not invalid, f"forbidden transitions in {invalid[:3]}"
 
 
 def test_batched_equals_single_and_scripted_equals_eager():
@@ -102,6 +111,7 @@ def test_loss_is_negative_log_likelihood_and_trains():
     assert loss.item() == pytest.approx(expected.item())
     assert loss.item() > 0
     loss.backward()
+    assert emissions.grad is not None and crf.transitions.grad is not None
     assert torch.isfinite(emissions.grad).all() and torch.isfinite(crf.transitions.grad).all()
 
 

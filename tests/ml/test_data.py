@@ -96,7 +96,8 @@ def test_jsonl_reader_tokenizes_aligns_and_splits_sentences(tmp_path):
     assert first.spans == [Span(0, 2, "PER"), Span(3, 5, "LOC")]
     assert second.spans == [Span(4, 5, "LOC")]
     for s in sentences:
-        for tok, (start, end) in zip(s.tokens, s.offsets):
+        assert s.offsets is not None
+        for tok, (start, end) in zip(s.tokens, s.offsets, strict=True):
             assert text[start:end] == tok
 
 
@@ -167,7 +168,7 @@ def test_features_and_tensorize():
     assert batch.words.tolist() == [[vocab.words.index("the"), vocab.words.index("berlin")], [UNK_ID, 0]]
     assert batch.mask.tolist() == [[True, True], [True, False]]
     assert batch.chars.shape == (2, 2, 4)  # "Berlin" is cut to its first 4 characters for the char encoder
-    assert batch.tags.tolist() == [[0, 1], [0, 0]]
+    assert batch.tags is not None and batch.tags.tolist() == [[0, 1], [0, 0]]
     with pytest.raises(KeyError, match="B-PER"):
         tensorize([["x"]], vocab, 4, tags=[["B-PER"]])
     with pytest.raises(ValueError, match="1 tokens but 2 tags"):

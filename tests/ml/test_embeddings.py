@@ -36,5 +36,5 @@ def test_bad_vector_files_are_named(tmp_path):
         load_vectors(str(path), 10)
     with pytest.raises(FileNotFoundError, match="neither"):
         load_vectors(str(tmp_path / "missing.txt"), 10)
-    with pytest.raises(ValueError, match="50-dimensional but model.word_dim = 4"):
+    with pytest.raises(ValueError, match=r"50-dimensional but model\.word_dim = 4"):
         initialise_embedding(torch.nn.Embedding(3, 4), Vocab(["the"]), *load_vectors(GLOVE_PACKAGE, 5))

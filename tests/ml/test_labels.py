@@ -80,11 +80,11 @@ def test_detect_scheme():
 @pytest.mark.parametrize("scheme", ["iob2", "bioes"])
 def test_allowed_transitions_accept_exactly_the_valid_sequences(scheme):
     tags = tag_set(["PER", "LOC"], scheme)
-    pairs, starts, ends = allowed_transitions(tags, scheme)
-    allowed, starts, ends = set(pairs), set(starts), set(ends)
+    pair_list, start_list, end_list = allowed_transitions(tags, scheme)
+    allowed, starts, ends = set(pair_list), set(start_list), set(end_list)
     for n in (1, 2, 3):
         for seq in itertools.product(range(len(tags)), repeat=n):
-            by_constraints = seq[0] in starts and seq[-1] in ends and all((a, b) in allowed for a, b in zip(seq, seq[1:]))
+            by_constraints = seq[0] in starts and seq[-1] in ends and all((a, b) in allowed for a, b in itertools.pairwise(seq))
             try:
                 tags_to_spans([tags[k] for k in seq], scheme)
                 valid = True

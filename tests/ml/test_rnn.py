@@ -8,12 +8,12 @@ from torch import nn
 
 from ml.modules.rnn import CELLS, RecurrentEncoder, RecurrentLayer, build_encoder
 
-I, H = 7, 5
+I, H = 7, 5  # noqa: E741 (input and hidden width: the shape letters of ml.modules.rnn)
 LENGTHS = [6, 3, 1, 4]
 
 
 def reference(cell: str, layers: int, bidirectional: bool) -> nn.RNNBase:
-    kwargs = dict(input_size=I, hidden_size=H, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+    kwargs = {"input_size": I, "hidden_size": H, "num_layers": layers, "bidirectional": bidirectional, "batch_first": True}
     if cell == "lstm":
         return nn.LSTM(**kwargs)
     if cell == "gru":
@@ -86,10 +86,11 @@ def test_scripted_equals_eager(cell):
     eager = RecurrentEncoder(cell, I, H, 2, True)
     scripted = build_encoder("script", cell, I, H, 2, True)
     scripted.load_state_dict(eager.state_dict())
+    assert isinstance(scripted, RecurrentEncoder)
     assert all(isinstance(layer, torch.jit.ScriptModule) for layer in scripted.layers)
     whole = torch.jit.script(eager)
     x, mask, _ = batch(2)
-    for a, b, c in zip(eager(x, mask), scripted(x, mask), whole(x, mask)):
+    for a, b, c in zip(eager(x, mask), scripted(x, mask), whole(x, mask), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
 
@@ -101,7 +102,7 @@ def test_cudnn_backend_gives_identical_results(cell):
     assert set(native.state_dict()) == set(scripted.state_dict())
     native.load_state_dict(scripted.state_dict())
     x, mask, _ = batch(3)
-    for a, b in zip(scripted(x, mask), native(x, mask)):
+    for a, b in zip(scripted(x, mask), native(x, mask), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -111,8 +112,8 @@ def test_padding_never_leaks_into_real_positions(cell):
     x, mask, lengths = batch(4)
     x_noisy = x.clone()
     x_noisy[~mask] = 1e3  # garbage in the padding
-    out, h, c = encoder(x, mask)
-    out2, h2, c2 = encoder(x_noisy, mask)
+    out, h, _ = encoder(x, mask)
+    out2, h2, _ = encoder(x_noisy, mask)
     torch.testing.assert_close(out, out2, atol=0, rtol=0)
     torch.testing.assert_close(h, h2, atol=0, rtol=0)
     assert out[~mask].abs().max() == 0
@@ -188,3 +189,21 @@ def test_cuda_matches_torch_nn(cell):
     r_out, r_h, _ = run_reference(ref, x.cuda(), lengths)
     torch.testing.assert_close(out, r_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(h, r_h, atol=1e-5, rtol=0)
+
+
+def test_native_backend_is_named_for_what_it_is_and_the_old_name_still_works():
+    from ml.config import Config
+    from ml.modules.rnn import TorchRecurrentEncoder, canonical_backend
+
+    assert canonical_backend("cudnn") == canonical_backend("native") == "native"
+    assert isinstance(build_encoder("native", "gru", I, H), TorchRecurrentEncoder)
+    assert isinstance(build_encoder("cudnn", "gru", I, H), TorchRecurrentEncoder)
+    assert Config.from_dict({"model": {"backend": "cudnn"}}).model.backend == "native"
+
+
+def test_each_cell_is_one_scripted_step_of_the_same_loop():
+    for cell in CELLS:
+        layer = RecurrentLayer(cell, I, H, True)
+        gates = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}[cell]
+        assert layer.weight_ih.shape == (2, gates * H, I) and layer.step.gates == gates
+        torch.jit.script(layer.step)  # each step compiles on its own

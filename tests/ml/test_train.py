@@ -15,7 +15,7 @@ from ml.config import Config, ConfigError
 from ml.data.conll import write_conll
 from ml.export import export_torchscript
 from ml.predictor import Predictor, evaluate
-from ml.train import train
+from ml.train import Callback, train
 from tests.conftest import small_config
 from tests.synthetic import synthetic_corpus
 
@@ -42,7 +42,7 @@ def test_batched_prediction_equals_one_by_one(small_model_dir, corpus):
     predictor = Predictor.load(small_model_dir)
     tokens = [s.tokens for s in corpus[:20]]
     batched = predictor.predict(tokens, batch_size=64)
-    for toks, result in zip(tokens, batched):
+    for toks, result in zip(tokens, batched, strict=True):
         (alone,) = predictor.predict([toks])
         assert alone.tags == result.tags
         assert alone.scores == pytest.approx(result.scores, abs=1e-5)
@@ -73,7 +73,7 @@ def test_exported_torchscript_predicts_identically_in_a_fresh_process(small_mode
     )
     got = json.loads(out.stdout)
     assert got["tags"] == [r.tags for r in expected]
-    for a, b in zip(got["scores"], [r.scores for r in expected]):
+    for a, b in zip(got["scores"], [r.scores for r in expected], strict=True):
         assert a == pytest.approx(b, abs=1e-5)
     assert got["version"] == "1.0.0"
 
@@ -123,17 +123,17 @@ def test_loading_an_incompatible_folder_fails_clearly(small_model_dir, tmp_path)
     meta = json.loads((copy / "meta.json").read_text())
     meta["format"] = FORMAT + 1
     (copy / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="model format 2.*retrain"):
+    with pytest.raises(ModelLoadError, match=r"model format 2.*retrain"):
         load_model(copy)
     (copy / "weights.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="missing weights.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"missing weights\.safetensors"):
         load_model(copy)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "nowhere")
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="model.cell = 'lstmm'"):
+    with pytest.raises(ConfigError, match=r"model\.cell = 'lstmm'"):
         Config.from_dict({"model": {"cell": "lstmm"}})
     with pytest.raises(ConfigError, match=r"unknown keys \['hiden_size'\]"):
         Config.from_dict({"model": {"hiden_size": 3}})
@@ -173,7 +173,10 @@ def test_cli_train_evaluate_predict(tmp_path):
     _write_corpus(tmp_path / "data", 60, 1)
     config = _small_config_file(tmp_path / "small.toml", 25)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "ml", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ml", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+
     out = run("train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--quiet", "--version", "2.0.1")
     assert out.returncode == 0, out.stderr
     assert "dev F1" in out.stderr and json.loads(out.stdout)["dev_f1"] > 0.9
@@ -224,3 +227,112 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path):
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and len(metrics["history"]) == 4
     load_model(tmp_path / "m")
+
+
+class _Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_train_start(self, trainer):
+        self.events.append("train_start")
+
+    def on_epoch_start(self, trainer, epoch):
+        self.events.append(f"epoch_start {epoch}")
+
+    def on_batch_end(self, trainer, loss, sequences, tokens):
+        if not self.events[-1].startswith("batch"):
+            self.events.append("batch")
+
+    def on_epoch_end(self, trainer, log):
+        self.events.append(f"epoch_end {log.epoch} dev {log.dev_f1}")
+
+    def on_train_end(self, trainer):
+        self.events.append("train_end")
+
+    def on_result(self, trainer, result):
+        self.events.append(f"result {result.best_epoch}")
+
+
+def test_trainer_plugs_in_optimizer_loss_terms_and_trains_without_dev(corpus):
+    """What fine-tuning and train+dev fits need, without editing the Trainer: an already-built model,
+    param groups from an optimizer factory (one frozen part), an extra loss term, no dev data."""
+    from ml.artifact import build_model
+    from ml.train import TrainData, Trainer, build_vocab
+
+    config = small_config(train__epochs=3)
+    vocab, _ = build_vocab(config, corpus)
+    model = build_model(config, vocab, generator=torch.Generator().manual_seed(0))
+    frozen_before = model.word_embedding.weight.detach().clone()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups_seen: list[int] = []
+
+    def optimizer_factory(m, tc):
+        groups = [
+            {"params": list(m.encoder.parameters()), "lr": tc.lr},
+            {"params": [p for n, p in m.named_parameters() if not n.startswith(("encoder.", "word_embedding."))], "lr": tc.lr / 10},
+        ]
+        groups_seen.append(len(groups))
+        return torch.optim.NAdam(groups)
+
+    calls = []
+
+    def pull_to_base(m):  # an L2 pull toward the starting weights, as a fine-tune would use
+        calls.append(1)
+        return 0.01 * sum(((p - base[n]) ** 2).sum() for n, p in m.named_parameters() if n.startswith("encoder."))
+
+    recorder = _Recorder()
+    trainer = Trainer(model, vocab, TrainData(corpus, None), config, [recorder], optimizer_factory=optimizer_factory, loss_terms=[pull_to_base])
+    result = trainer.fit()
+    assert isinstance(trainer.optimizer, torch.optim.NAdam) and groups_seen == [2]
+    assert torch.equal(model.word_embedding.weight, frozen_before)  # not in any group: untouched
+    assert not torch.equal(model.state_dict()["encoder.weight_hh_l0"], base["encoder.layers.0.weight_hh"][0])
+    batches_per_epoch = -(-len(corpus) // config.train.batch_size)
+    assert len(calls) >= 3 * batches_per_epoch
+    assert [h.epoch for h in result.history] == [1, 2, 3] and result.best_epoch == 3
+    assert all(h.dev_f1 == -1.0 for h in result.history)
+    assert recorder.events == [
+        "train_start",
+        "epoch_start 1", "batch", "epoch_end 1 dev -1.0",
+        "epoch_start 2", "batch", "epoch_end 2 dev -1.0",
+        "epoch_start 3", "batch", "epoch_end 3 dev -1.0",
+        "train_end", "result 3",
+    ]
+
+
+def test_dev_selecting_callbacks_need_dev_data(corpus):
+    from ml.artifact import build_model
+    from ml.train import EarlyStopping, KeepBest, TrainData, Trainer, build_vocab
+
+    config = small_config(train__epochs=1)
+    vocab, _ = build_vocab(config, corpus)
+    for callback in (KeepBest(), EarlyStopping(3)):
+        trainer = Trainer(build_model(config, vocab), vocab, TrainData(corpus, None), config, [callback])
+        with pytest.raises(ValueError, match="no dev data"):
+            trainer.fit()
+
+
+def test_early_stopping_restores_the_best_epoch(corpus, tmp_path):
+    """Patience 1 stops at the first epoch that does not improve dev F1 (at the latest once it reaches
+    1.0), and the saved model holds the best epoch's weights, not the last one's."""
+    config = small_config(train__epochs=40, train__patience=1)
+    result = train(config, corpus, corpus, tmp_path / "m", progress=False, log=lambda m: None)
+    history = result.history
+    assert len(history) < 40  # stopped early
+    best = max(range(len(history)), key=lambda i: history[i].dev_f1)
+    assert result.best_epoch == history[best].epoch
+    assert all(h.dev_f1 <= history[best].dev_f1 for h in history[best + 1 :]) and len(history) - 1 - best == 1
+    assert result.dev.f1 == pytest.approx(history[best].dev_f1, abs=0.02)
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["best_epoch"] == result.best_epoch and metrics["dev"]["f1"] == result.dev.f1
+
+
+def test_nadam_is_an_optimizer_choice():
+    from ml.artifact import build_model
+    from ml.train import build_optimizer
+    from ml.vocab import Vocabularies
+
+    config = small_config(train__optimizer="nadam")
+    vocab = Vocabularies.build([["a"]], ["O", "S-PER"])
+    assert isinstance(build_optimizer(build_model(config, vocab), config.train), torch.optim.NAdam)
+    with pytest.raises(ConfigError, match=r"train\.optimizer = 'nadamm' is not one of sgd, adam, nadam"):
+        small_config(train__optimizer="nadamm")
