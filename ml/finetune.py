@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ml.artifact import LoadedModel, ModelMeta, build_model, check_version, entity_types, load_model, save_model
-from ml.config import ConfigError
+from ml.config import Config, ConfigError, TrainConfig
 from ml.data import DataFormatError, Sentence
-from ml.data.tensorize import tensorize
 from ml.evaluate import Scores
-from ml.labels import Span, spans_to_tags, tag_set
+from ml.labels import Span, tag_set
 from ml.model import Tagger
 from ml.predictor import Predictor, evaluate
+from ml.train import Callback, EpochLog, TrainData, Trainer
 from ml.vocab import UNK_ID, Vocab, Vocabularies, word_key
 
 FREEZABLE = ("word_embedding", "char_encoder", "case_embedding", "encoder", "projection", "head")
@@ -301,6 +301,23 @@ def _pull(pairs: Sequence[tuple[nn.Parameter, Tensor]], fraction: float) -> None
         p[idx] -= fraction * (p[idx] - b)
 
 
+class _FinetuneHooks(Callback):
+    """The Trainer's hooks of a fine-tune: the pull toward the base after each step, the stop
+    request, progress after each epoch."""
+
+    def __init__(self, anchor, pull: float, epochs: int, progress: Callable[[float, str], None], should_stop: Callable[[], bool]):
+        self.anchor, self.pull, self.epochs, self.progress, self.should_stop = anchor, pull, epochs, progress, should_stop
+
+    def on_batch_end(self, trainer: Trainer, loss: float, sequences: int, tokens: int) -> None:
+        if self.pull:
+            _pull(self.anchor, self.pull)
+        if self.should_stop():
+            raise Cancelled("fine-tuning stopped on request")
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
+        self.progress(log.epoch / self.epochs, f"epoch {log.epoch}/{self.epochs}: loss {log.loss:.3f} ({log.seconds:.1f}s)")
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -385,47 +402,26 @@ def finetune(
     old_rows = {k: v.size(0) for k, v in base_state.items()}
     _freeze_old(model, cfg.freeze, old_rows)
     anchor = _l2_anchor(model, base_state) if cfg.l2_to_base or cfg.pull_to_base else []
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    max_len = loaded.config.model.max_word_length
-    gold = [(s, spans_to_tags(s.spans, len(s.tokens), scheme)) for s in train_sents]
-    silver_tagged = [(s, spans_to_tags(s.spans, len(s.tokens), scheme)) for s in silver]
-    base_tagged = [(s, spans_to_tags(s.spans, len(s.tokens), scheme)) for s in base_train]
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        items = gold * cfg.correction_weight
-        n = len(train_sents)
-        if silver_tagged:
-            items = items + rng.sample(silver_tagged, min(len(silver_tagged), round(cfg.rehearsal_ratio * n)))
-        if base_tagged and cfg.base_ratio:
-            items = items + rng.sample(base_tagged, min(len(base_tagged), round(cfg.base_ratio * n)))
-        rng.shuffle(items)
-        model.train()
-        total, batches = 0.0, 0
-        for lo in range(0, len(items), cfg.batch_size):
-            if should_stop():
-                raise Cancelled("fine-tuning stopped on request")
-            chunk = items[lo : lo + cfg.batch_size]
-            batch = tensorize([s.tokens for s, _ in chunk], vocab, max_len, [t for _, t in chunk])
-            assert batch.tags is not None
-            loss = model.loss(batch.words, batch.chars, batch.cases, batch.mask, batch.tags)
-            if anchor and cfg.l2_to_base:
-                loss = loss + cfg.l2_to_base * _l2_penalty(anchor)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_norm:
-                nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-            optimizer.step()
-            if cfg.pull_to_base:
-                _pull(anchor, cfg.pull_to_base)
-            value = loss.item()
-            if value != value or value in (float("inf"), float("-inf")):
-                raise FloatingPointError(f"epoch {epoch}: the loss became {value}; lower finetune.lr")
-            total += value
-            batches += 1
-        history.append({"epoch": epoch, "loss": total / max(batches, 1), "sentences": len(items), "seconds": round(time.perf_counter() - epoch_start, 2)})
-        progress(epoch / cfg.epochs, f"epoch {epoch}/{cfg.epochs}: loss {total / max(batches, 1):.3f} on {len(items)} sentences ({time.perf_counter() - epoch_start:.1f}s)")
+    # the training set: the corrections, plus silver and base-corpus sentences drawn once
+    n = len(train_sents)
+    mixture: list[Sentence] = list(train_sents) * cfg.correction_weight
+    if silver and cfg.rehearsal_ratio:
+        mixture += rng.sample(silver, min(len(silver), round(cfg.rehearsal_ratio * n)))
+    if base_train and cfg.base_ratio:
+        mixture += rng.sample(base_train, min(len(base_train), round(cfg.base_ratio * n)))
+    base_dict = loaded.config.to_dict()
+    train_config = Config.from_dict({**base_dict, "train": {
+        **base_dict["train"], "epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": "adam", "lr": cfg.lr, "lr_decay": 0.0,
+        "weight_decay": 0.0, "clip_norm": cfg.clip_norm, "seed": cfg.seed, "device": "cpu", "threads": cfg.threads,
+    }})
+
+    def adam(m: Tagger, tc: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=tc.lr)
+
+    l2_terms = [lambda m: cfg.l2_to_base * _l2_penalty(anchor)] if cfg.l2_to_base else []
+    hooks = _FinetuneHooks(anchor, cfg.pull_to_base, cfg.epochs, progress, should_stop)
+    fitted = Trainer(model, vocab, TrainData(mixture, None), train_config, [hooks], device=torch.device("cpu"), optimizer_factory=adam, loss_terms=l2_terms).fit()
+    history = [{"epoch": h.epoch, "loss": h.loss, "sentences": len(mixture), "seconds": round(h.seconds, 2)} for h in fitted.history]
     model.eval()
 
     meta = ModelMeta(
@@ -452,7 +448,7 @@ def finetune(
     )
     if out is not None:
         save_model(out, model, loaded.config, vocab, meta, {})  # rounds the embedding: measure after
-    predictor = Predictor(model, vocab, max_len)
+    predictor = Predictor(model, vocab, loaded.config.model.max_word_length)
     after_held = evaluate(predictor, held_sents) if held_sents else None
     after_dev = evaluate(predictor, base_dev) if base_dev else None
     seconds = time.perf_counter() - started
