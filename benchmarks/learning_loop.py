@@ -88,6 +88,31 @@ def evaluate_folder(folder: str | Path, sentences) -> dict:
     return {"f1": scores.f1, "per_type": {k: round(v["f1"], 4) for k, v in scores.per_type.items()}}
 
 
+def sweep(args, docs, posted) -> int:
+    """Forgetting candidates, chosen on the split's held-out articles and CoNLL dev only."""
+    from ml.data.conll import read_conll
+    from ml.finetune import Correction, FinetuneConfig, finetune
+
+    corrections = []
+    for k in sorted(posted):
+        record = article_record(docs[k])
+        corrections.append(Correction(f"wikigold-{k}", record["text"], [(e["start"], e["end"], e["label"]) for e in record["entities"]]))
+    dev = read_conll(args.conll_dev)
+    rows = {}
+    for name, settings in json.loads(args.sweep).items():
+        config = FinetuneConfig.from_dict({"threads": args.threads, **settings})
+        result = finetune(args.model, corrections, None, "1.1.0", config, base_data=([], dev))
+        m = result.metrics
+        rows[name] = {"settings": settings, "heldout_before": m["heldout"]["before"]["f1"], "heldout_after": m["heldout"]["after"]["f1"],
+                      "dev_before": m["dev_before"]["f1"], "dev_after": m["dev"]["f1"], "train_seconds": m["train_seconds"]}
+        print(f"{name}: held-out {100 * rows[name]['heldout_before']:.2f} -> {100 * rows[name]['heldout_after']:.2f}, "
+              f"CoNLL dev {100 * rows[name]['dev_before']:.2f} -> {100 * rows[name]['dev_after']:.2f}, {m['train_seconds']:.0f}s", file=sys.stderr, flush=True)
+    print(json.dumps(rows, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--wikigold", default=str(ROOT.parent / "shared/data/wikigold/wikigold.conll.txt"))
@@ -101,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database-url", help="a PostgreSQL database to use (default: a fresh one on 127.0.0.1:5432)")
     p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--sweep", metavar="JSON", help='instead: fine-tune on the posted articles with each of {"name": {settings}, ...} and report the '
+                   "held-out F1 of the split (1 in 5 posted articles) and CoNLL-2003 dev F1, before and after (no service, no test data)")
+    p.add_argument("--conll-dev", default=str(ROOT.parent / "shared/data/conll2003/dev.txt"), help="forgetting, for --sweep")
     args = p.parse_args(argv)
 
     import httpx
@@ -110,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     from ml.data.conll import read_conll
 
     docs = articles(Path(args.wikigold))
-    order = list(range(len(docs)))
-    random.Random(args.seed).shuffle(order)
-    posted, report = order[: args.posted], sorted(order[args.posted :])
+    # posting order: the seeded sample's; the 45 others are reported on
+    posted = random.Random(args.seed).sample(range(len(docs)), args.posted)
+    report = sorted(set(range(len(docs))) - set(posted))
     curve = sorted({min(int(n), args.posted) for n in args.curve.split(",")})
     eval_sentences = [s for k in report for s in docs[k]]
+    if args.sweep:
+        return sweep(args, docs, posted)
     conll_test = read_conll(args.conll_test)
     print(f"WikiGold: {len(docs)} articles; {len(posted)} posted as corrections, {len(report)} reported on ({len(eval_sentences)} sentences)", file=sys.stderr)
     base = {"wikigold_report": evaluate_folder(args.model, eval_sentences), "conll_test": evaluate_folder(args.model, conll_test)}
