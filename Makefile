@@ -24,11 +24,15 @@ serve: $(BIN)/ner
 	$(BIN)/ner db upgrade
 	$(BIN)/ner serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-# Debian's prometheus package (Prometheus 2.42 + promtool) for the monitoring-stack tests.
+# Debian's prometheus package (Prometheus 2.42 + promtool) for the monitoring-stack tests,
+# and chromium + chromium-driver for the annotation page's browser tests (tests/browser).
 system-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else echo "chromium or chromedriver missing: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; }
 
 # Lint (ruff, rule set in pyproject.toml) and types (mypy with the pydantic plugin).
 lint: $(BIN)/ner

@@ -20,6 +20,7 @@ from service.db import jobs as jobs_repo
 from service.db import repositories
 from service.db.models import ModelVersion, TrainingJob
 from service.errors import ApiError
+from service.security import default_models_dir
 
 LOG_TAIL = 60  # lines of a job's log kept in the database
 
@@ -110,7 +111,7 @@ class JobSettings:
     @classmethod
     def from_settings(cls, settings) -> JobSettings:
         return cls(
-            Path(settings.models_dir), dict(settings.finetune), settings.promote_min_gain, settings.promote_max_label_drop,
+            Path(settings.models_dir or default_models_dir()), dict(settings.finetune), settings.promote_min_gain, settings.promote_max_label_drop,
             settings.promote_min_label_support, settings.rehearsal_max_texts,
         )
 

@@ -5,7 +5,7 @@ import datetime as dt
 import uuid
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -46,11 +46,16 @@ class Annotation(Base):
     """A correction: the full list of entities a person says the text has."""
 
     __tablename__ = "annotations"
-    __table_args__ = (Index("ix_annotations_status_created", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_annotations_status_created", "status", "created_at"),
+        # at most one accepted correction per text (so per document): the database enforces it
+        Index("uq_annotations_accepted_text", "text_sha256", unique=True, postgresql_where=text("status = 'accepted'"), sqlite_where=text("status = 'accepted'")),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     document_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     prediction_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("predictions.id", ondelete="SET NULL"), nullable=True, index=True)
     entities: Mapped[list[Any]] = mapped_column(JSON)
+    text_sha256: Mapped[str] = mapped_column(String(64))  # of the corrected text
     author: Mapped[str | None] = mapped_column(String(200), nullable=True)
     source: Mapped[str] = mapped_column(String(20))  # "prediction" (correcting one) or "text" (new text)
     status: Mapped[str] = mapped_column(String(20), default="accepted")  # accepted | superseded
