@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         server_log = models_dir / "server.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
-            env={**env, "NER_MODEL": args.model, "ADMIN_KEY": ADMIN_KEY, "MODEL_POLL_S": "1"},
+            env={**env, "NER_MODEL": args.model, "ADMIN_KEY": ADMIN_KEY, "MODEL_POLL_S": "1", "MODELS_DIR": str(models_dir)},
         )
         stack.callback(server.wait, 30)
         stack.callback(server.terminate)
