@@ -34,6 +34,20 @@ ABLATIONS = {
     "no pretrained vectors": ("random word embeddings instead of GloVe", ["train.pretrained=''"]),
 }
 
+# The recipe search of issue 11: each one change to the reference, on the native (torch.nn) recurrence
+# for training speed, same seed and schedule for every row.
+SEARCH_BASE = ["model.backend='native'", "train.seed=1"]
+RECIPE = {
+    "reference": ("the shipped configuration (GloVe: 100,000 most frequent words, fine-tuned)", []),
+    "all GloVe words": ("all 400,000 GloVe words; training words fine-tuned", ["train.pretrained_max_words=400000"]),
+    "all GloVe words, frozen": ("all 400,000 GloVe words, none fine-tuned", ["train.pretrained_max_words=400000", "train.freeze_embeddings=true"]),
+    "document context": ("consecutive sentences of a document in windows of up to 256 tokens (batches of 4 windows)", ["model.context='document'", "train.batch_size=4"]),
+    "two layers": ("two BiLSTM layers", ["model.num_layers=2"]),
+    "nadam": ("Nadam instead of Adam", ["train.optimizer='nadam'"]),
+    "clip 1": ("gradient-norm clipping at 1 instead of 5", ["train.clip_norm=1.0"]),
+    "locked dropout": ("variational (locked) dropout on the inputs and outputs of the recurrence", ["model.locked_dropout=true"]),
+}
+
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
@@ -60,24 +74,62 @@ def run_one(name: str, overrides: list, data: Path, out_root: Path, epochs: int 
         )
     metrics = json.loads((folder / "metrics.json").read_text())
     scores = {"name": name, "overrides": overrides, "epochs": epochs, "train_seconds": metrics["train_seconds"], "best_epoch": metrics["best_epoch"]}
-    for split, file in (("dev", "dev.txt"), ("test_orig", "test.orig.txt"), ("test_conllpp", "test.txt")):
-        out = subprocess.run([sys.executable, "-m", "ml", "evaluate", "--model", str(folder), "--data", str(data / file), "--json"], check=True, capture_output=True, text=True, cwd=ROOT)
-        scores[split] = json.loads(out.stdout)["f1"]
+    out = subprocess.run([sys.executable, __file__, "--data", str(data), "score", str(folder)], check=True, capture_output=True, text=True, cwd=ROOT)
+    scores.update(json.loads(out.stdout))
     result_file.write_text(json.dumps(scores, indent=2))
     lock.unlink(missing_ok=True)
     return scores
 
 
-def fmt(x: float) -> str:
+def wikigold_path(data: Path) -> Path:
+    return data.parent / "wikigold" / "wikigold.conll.txt"
+
+
+def score(folder: Path, data: Path) -> dict:
+    """F1 of a model folder on dev, both CoNLL-2003 test sets and WikiGold (documents tagged as
+    texts, as the service does), per type on the original test set, and inference tokens/s (the
+    whole original test set, in-process, batches of 256 sentences, one thread)."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from ml.data import read_corpus
+    from ml.predictor import Predictor, evaluate
+
+    torch.set_num_threads(1)
+    predictor = Predictor.load(folder, backend="script")  # as served, whatever trained it
+    out: dict = {}
+    for split, path in (("dev", data / "dev.txt"), ("test_orig", data / "test.orig.txt"), ("test_conllpp", data / "test.txt"), ("wikigold", wikigold_path(data))):
+        sentences = read_corpus(path)
+        started = time.perf_counter()
+        s = evaluate(predictor, sentences, 256)
+        seconds = time.perf_counter() - started
+        out[split] = s.f1
+        if split == "test_orig":
+            out["per_type"] = {label: v["f1"] for label, v in s.per_type.items()}
+            out["precision"], out["recall"] = s.precision, s.recall
+            out["tokens_per_second"] = s.tokens / seconds
+    return out
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return ""
     return f"{100 * x:.2f}"
 
 
 def print_table(rows: list, title: str) -> None:
     print(f"\n{title}\n")
-    print("| configuration | dev F1 | test F1 (original) | test F1 (CoNLL++) | best epoch | train time |")
-    print("|---|---|---|---|---|---|")
+    print("| configuration | dev F1 | test F1 (original) | test F1 (CoNLL++) | WikiGold F1 | PER / LOC / ORG / MISC (original test) | best epoch | train time | tokens/s tagging |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {fmt(r['dev'])} | {fmt(r['test_orig'])} | {fmt(r['test_conllpp'])} | {r['best_epoch']} | {r['train_seconds'] / 60:.0f} min |")
+        per_type = " / ".join(fmt(r["per_type"].get(t)) for t in ("PER", "LOC", "ORG", "MISC")) if "per_type" in r else ""
+        speed = f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else ""
+        print(
+            f"| {r['name']} | {fmt(r['dev'])} | {fmt(r['test_orig'])} | {fmt(r['test_conllpp'])} | {fmt(r.get('wikigold'))} | {per_type} "
+            f"| {r['best_epoch']} | {r['train_seconds'] / 60:.0f} min | {speed} |"
+        )
 
 
 def summary(rows: list) -> None:
@@ -101,10 +153,21 @@ def main() -> int:
     a = sub.add_parser("ablations", help="one run per ablation on a shorter schedule")
     a.add_argument("--epochs", type=int, default=8)
     a.add_argument("--only", nargs="+", help="run only these ablation names")
+    r = sub.add_parser("recipe", help="the recipe search of issue 11 (native recurrence, seed 1, short schedule)")
+    r.add_argument("--epochs", type=int, default=8)
+    r.add_argument("--only", nargs="+", help="run only these recipe names")
+    f = sub.add_parser("final", help="the shipped recipe (configs/en-conll03.toml): train+dev fit and train-only fit, per seed")
+    f.add_argument("--seeds", type=int, nargs="+", default=[1])
+    f.add_argument("--fits", nargs="+", choices=["train+dev", "train-only"], default=["train+dev", "train-only"])
     sub.add_parser("table", help="print the tables of finished runs")
+    sc = sub.add_parser("score", help="print the scores of one model folder as JSON")
+    sc.add_argument("model", type=Path)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.what == "score":
+        print(json.dumps(score(args.model, args.data)))
+        return 0
     if args.what == "seeds":
         for seed in args.seeds:
             run_one(f"shipped config, seed {seed}", [f"train.seed={seed}"], args.data, args.out, None)
@@ -114,12 +177,41 @@ def main() -> int:
                 continue
             run_one(f"ablation: {name}", [*overrides, "train.seed=1"], args.data, args.out, args.epochs)
 
+    elif args.what == "final":
+        for seed in args.seeds:
+            for fit in args.fits:
+                run_one(f"final {fit}, seed {seed}", [f"train.seed={seed}", f"train.fit_dev={'true' if fit == 'train+dev' else 'false'}"], args.data, args.out, None)
+    elif args.what == "recipe":
+        for name, (_, overrides) in RECIPE.items():
+            if args.only and name not in args.only:
+                continue
+            run_one(f"recipe: {name}", SEARCH_BASE + overrides, args.data, args.out, args.epochs)
+
     results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
     seeds = [r for r in results if r["name"].startswith("shipped config")]
     ablations = {r["name"][len("ablation: "):]: r for r in results if r["name"].startswith("ablation: ")}
+    final = [r for r in results if r["name"].startswith("final ")]
+    if final:
+        print_table(sorted(final, key=lambda r: r["name"]), "Shipped recipe (configs/en-conll03.toml); the train+dev rows trained on dev, so their dev F1 is not a measurement")
+        for fit in ("train+dev", "train-only"):
+            rows = [r for r in final if r["name"].startswith(f"final {fit},")]
+            if len(rows) > 1:
+                summary(rows)
     if seeds:
         print_table(seeds, "Shipped configuration (configs/en-conll03.toml), full schedule")
         summary(seeds)
+    recipe = {r["name"][len("recipe: "):]: r for r in results if r["name"].startswith("recipe: ")}
+    if recipe:
+        rows = [dict(recipe[n], name=f"{n}: {RECIPE[n][0]}") for n in RECIPE if n in recipe]
+        print_table(rows, f"Recipe search, {'/'.join(str(e) for e in {r['epochs'] for r in rows})} epochs each, seed 1, native recurrence in training")
+        if "reference" in recipe:
+            ref = recipe["reference"]
+            print("\n| change | Δ dev | Δ test (original) | Δ CoNLL++ | Δ WikiGold |\n|---|---|---|---|---|")
+            for n in RECIPE:
+                if n != "reference" and n in recipe:
+                    r = recipe[n]
+                    d = [100 * (r[k] - ref[k]) if r.get(k) is not None and ref.get(k) is not None else None for k in ("dev", "test_orig", "test_conllpp", "wikigold")]
+                    print(f"| {n} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
     if ablations:
         rows = [dict(ablations[n], name=f"{n}: {ABLATIONS[n][0]}") for n in ABLATIONS if n in ablations]
         epochs = {r["epochs"] for r in rows}

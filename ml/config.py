@@ -15,6 +15,7 @@ from ml.modules.rnn import BACKEND_ALIASES, BACKENDS, CELLS
 CHAR_ENCODERS = ("cnn", "lstm", "none")
 HEADS = ("crf", "softmax")
 OPTIMIZERS = ("sgd", "adam", "nadam")
+CONTEXTS = ("sentence", "document")
 
 
 # Upper bounds: far above any sensible NER tagger (the shipped one is 50/200/1 layer), low enough that
@@ -64,6 +65,9 @@ class ModelConfig:
     max_word_length: int = 30  # characters seen by the char encoder per word (a longer word's first ones)
     case_dim: int = 8  # 0 disables the casing feature
     dropout: float = 0.5
+    locked_dropout: bool = False  # one dropout mask per sequence for all steps (variational; Gal & Ghahramani)
+    context: str = "sentence"  # sentence: one sentence per window | document: consecutive sentences of a text share a window
+    window_tokens: int = 256  # most tokens in one forward pass; a longer sentence is split into overlapping windows (ml.windows)
     head: str = "crf"  # crf | softmax
     tag_scheme: str = "bioes"  # internal scheme: iob2 | bioes
     lm_weight: float = 0.0  # > 0: auxiliary next/previous-word language-model loss (Rei 2017)
@@ -76,8 +80,9 @@ class ModelConfig:
         _choice("model.backend", self.backend, BACKENDS)
         _choice("model.char_encoder", self.char_encoder, CHAR_ENCODERS)
         _choice("model.head", self.head, HEADS)
+        _choice("model.context", self.context, CONTEXTS)
         _choice("model.tag_scheme", self.tag_scheme, [s for s in SCHEMES if s != "iob1"])
-        for name in ("hidden_size", "num_layers", "word_dim", "char_dim", "char_hidden", "char_kernel", "max_word_length", "lm_vocab"):
+        for name in ("hidden_size", "num_layers", "word_dim", "char_dim", "char_hidden", "char_kernel", "max_word_length", "lm_vocab", "window_tokens"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.case_dim", self.case_dim, allow_zero=True)
         for name, limit in MAXIMA.items():
@@ -117,10 +122,14 @@ class TrainConfig:
     max_train_sentences: int = 0  # 0 = all; otherwise the first N (quick runs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    fit_dev: bool = False  # train on train + dev for exactly train.epochs epochs, keep the last (dev selects nothing)
+    save_backend: str = ""  # recurrence backend written into the saved model ("" = model.backend); weights load into both
     feedback_weight: int = 1  # times each stored correction is repeated in the training data
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if self.save_backend:
+            _choice("train.save_backend", self.save_backend, BACKENDS)
         for name in ("epochs", "batch_size", "eval_batch_size", "lr", "pretrained_max_words", "feedback_weight"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("momentum", "weight_decay", "lr_decay", "clip_norm", "patience", "max_train_sentences", "threads"):

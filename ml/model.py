@@ -99,6 +99,22 @@ class CharRNN(nn.Module):
         return h.transpose(0, 1).reshape(b, t, -1)
 
 
+class LockedDropout(nn.Module):
+    """Variational dropout: one mask per sequence and feature, the same at every time step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, D)."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty(x.size(0), 1, x.size(2), dtype=x.dtype, device=x.device).bernoulli_(keep) / keep
+        return x * mask
+
+
 class Tagger(nn.Module):
     """Word embedding + char encoder + casing embedding -> dropout -> recurrence -> linear -> head."""
 
@@ -112,6 +128,7 @@ class Tagger(nn.Module):
         num_tags: int,
         dropout: float,
         lm_head: Optional[LanguageModelHead] = None,
+        locked_dropout: bool = False,
     ):
         super().__init__()
         width = word_embedding.embedding_dim
@@ -123,7 +140,7 @@ class Tagger(nn.Module):
         self.char_encoder = char_encoder
         self.case_embedding = case_embedding
         self.encoder = encoder
-        self.dropout = nn.Dropout(dropout)
+        self.dropout: nn.Module = LockedDropout(dropout) if locked_dropout else nn.Dropout(dropout)
         self.projection = nn.Linear(encoder.output_size, num_tags)
         self.head = head
         self.lm_head = lm_head
@@ -153,7 +170,7 @@ class Tagger(nn.Module):
         else:
             head = SoftmaxHead(num_tags)
         lm = LanguageModelHead(config.hidden_size, config.lm_vocab) if config.lm_weight > 0 else None
-        return cls(words, chars, cases, encoder, head, num_tags, config.dropout, lm)
+        return cls(words, chars, cases, encoder, head, num_tags, config.dropout, lm, config.locked_dropout)
 
     def encode(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
         """(B, T) ids, (B, T, C) char ids, (B, T) casing classes, (B, T) mask -> states (B, T, D*H)."""

@@ -45,8 +45,9 @@ class TextTagger:
 
     def tag(self, texts: Sequence[str], batch_size: int = 64) -> list[TextResult]:
         per_text = self.tokenizer.pipe_sentences(texts)
-        flat = [sent for sents in per_text for sent in sents]
-        predictions = self.predictor.predict([[t.text for t in s] for s in flat], batch_size) if flat else []
+        # the sentences of one text are tagged together (document context, ml.windows)
+        grouped = self.predictor.predict_texts([[[t.text for t in s] for s in sents] for sents in per_text], batch_size)
+        predictions = [p for text in grouped for p in text]
         results: list[TextResult] = []
         k = 0
         for text, sents in zip(texts, per_text, strict=True):

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ml import word_tuning
 from ml.artifact import ModelMeta, build_model, entity_types, save_model
 from ml.config import Config, TrainConfig
 from ml.data import Example
@@ -43,7 +44,8 @@ from ml.evaluate import Scores
 from ml.labels import spans_to_tags, tag_set
 from ml.model import Tagger
 from ml.predictor import Predictor, evaluate
-from ml.vocab import Vocabularies
+from ml.vocab import Vocabularies, word_key
+from ml.windows import training_windows, with_dev
 
 
 @dataclass
@@ -242,7 +244,7 @@ class Trainer:
         self.objective = objective
         self.optimizer = optimizer_factory(self.model, self.tc)
         self.scheduler = scheduler_factory(self.optimizer, self.tc)
-        self.predictor = Predictor(self.model, vocab, self.mc.max_word_length, self.device)
+        self.predictor = Predictor(self.model, vocab, self.mc.max_word_length, self.device, window_tokens=self.mc.window_tokens, document=self.mc.context == "document")
         self.history: list[EpochLog] = []
         self.epoch = 0
         self.batches_in_epoch = 0  # on this process
@@ -452,11 +454,22 @@ class SaveModel(Callback):
         meta.lineage.setdefault("train_fingerprint", data_fingerprint(data.train))
         if data.dev is not None:
             meta.lineage.setdefault("dev_fingerprint", data_fingerprint(data.dev))
-        save_model(self.out, trainer.model, trainer.config, trainer.vocab, meta, {})
+        config = trainer.config
+        if config.train.save_backend:  # e.g. trained on the native recurrence, served by the scripted one (same weights)
+            config = config.override([f"model.backend='{config.train.save_backend}'"])
+        save_model(self.out, trainer.model, config, trainer.vocab, meta, {})
 
     def on_result(self, trainer: Trainer, result: TrainResult) -> None:
         if trainer.is_main:
             result.path = self.out
+
+
+class MergeWordCorrection(Callback):
+    """Folds the trained correction of the training words' rows back into one embedding table
+    (``ml.word_tuning``) once the final weights are chosen, before they are saved."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        word_tuning.merge(trainer.model)
 
 
 class WriteMetrics(Callback):
@@ -494,6 +507,12 @@ def default_callbacks(
     return callbacks
 
 
+def _merge_before_save(callbacks: list[Callback]) -> list[Callback]:
+    """Put a ``MergeWordCorrection`` before the first ``SaveModel`` (after ``KeepBest`` restores)."""
+    at = next((i for i, c in enumerate(callbacks) if isinstance(c, SaveModel)), len(callbacks))
+    return [*callbacks[:at], MergeWordCorrection(), *callbacks[at:]]
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -526,6 +545,13 @@ def train(
             train_data = list(train_data)[: tc.max_train_sentences]
         if not train_data or (dev_data is not None and not dev_data):
             raise ValueError("training needs non-empty train and dev data (dev_data=None trains without dev)")
+        lineage = dict(lineage or {})
+        if tc.fit_dev:  # the final fit: dev joins the training data, a fixed epoch count, nothing selected on dev
+            if dev_data is None:
+                raise ValueError("train.fit_dev needs the dev data to train on")
+            lineage.setdefault("dev_fingerprint", data_fingerprint(dev_data))
+            lineage.setdefault("fit_dev", True)
+            train_data, dev_data = with_dev(train_data, dev_data), None
         vocab, vectors = build_vocab(config, train_data)
         model = build_model(config, vocab, generator=torch.Generator().manual_seed(tc.seed))
         if vectors is not None:
@@ -534,9 +560,16 @@ def train(
                 log(f"pretrained {tc.pretrained}: {covered} of {len(vocab.words)} word keys initialised")
         if tc.freeze_embeddings:
             model.word_embedding.weight.requires_grad_(False)
+        else:  # only training words get gradients: train a correction of their rows only (ml.word_tuning)
+            word_tuning.attach(model, 2 + len({word_key(t) for s in train_data for t in s.tokens}))
+        # what one forward pass sees: sentences, or windows of consecutive sentences of a document (ml.windows)
+        sequences = training_windows(train_data, config.model.window_tokens, config.model.context == "document")
+        lineage.setdefault("train_sentences", len(train_data))
+        lineage.setdefault("train_fingerprint", data_fingerprint(train_data))
         if callbacks is None:
             callbacks = default_callbacks(config, out, name, version, lineage, progress, log, select_on_dev=dev_data is not None)
-        trainer = Trainer(model, vocab, TrainData(train_data, dev_data), config, callbacks, device=device, distributed=dist)
+        callbacks = _merge_before_save(list(callbacks))
+        trainer = Trainer(model, vocab, TrainData(sequences, dev_data), config, callbacks, device=device, distributed=dist)
         return trainer.fit()
     finally:
         dist.stop()
