@@ -3,13 +3,14 @@ and ``train --annotations-from DATABASE_URL`` to learn from stored corrections."
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from ml.cli import build_parser, cmd_train, run
+from ml.cli import build_parser, cmd_finetune, cmd_train, run
 
 METRICS_PREFIX = "ner-metrics-"
 
@@ -148,6 +149,56 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
         Path(f.name).unlink(missing_ok=True)
 
 
+def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
+    """``ner finetune --annotations-from URL``: the stored corrections (keyed by document, for the
+    held-out split) and, when rehearsal is on, stored uncorrected texts, then ml's finetune."""
+    if not args.annotations_from:
+        return cmd_finetune(args)
+    from ml.finetune import FinetuneConfig
+    from service.db import jobs as jobs_repo
+    from service.db.session import check_schema, make_engine, make_sessionmaker
+    from service.exports import export_lines
+
+    config = FinetuneConfig().override(args.set or [])
+    engine = make_engine(args.annotations_from)
+    files = []
+    try:
+        check_schema(engine)
+        sessions = make_sessionmaker(engine)
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f, sessions() as session:
+            files.append(f.name)
+            count = sum(f.write(line) > 0 for line in export_lines(session, "jsonl", None))
+        texts: list[str] = []
+        if config.rehearsal_ratio > 0:
+            with sessions() as session:
+                texts = jobs_repo.rehearsal_texts(session, limit=args.rehearse_max)
+            with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
+                files.append(f.name)
+                f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+            args.rehearse = (args.rehearse or []) + [f.name]
+    finally:
+        engine.dispose()
+    try:
+        if count == 0:
+            print(f"error: no stored corrections in {args.annotations_from}", file=sys.stderr)
+            return 2
+        print(f"fine-tuning on {count} stored corrections" + (f" and {len(texts)} stored texts for rehearsal" if texts else ""), file=sys.stderr)
+        args.corrections = (args.corrections or []) + [files[0]]
+        args.lineage = {"annotations_from": engine.url.render_as_string(hide_password=True)}
+        return cmd_finetune(args)
+    finally:
+        for name in files:
+            Path(name).unlink(missing_ok=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.config import Settings
+    from service.worker import main as worker_main
+
+    worker_main(Settings(), once=args.once)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -155,6 +206,15 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--annotations-from", metavar="DATABASE_URL", help="add the corrections stored in this database")
     train.add_argument("--since", help="with --annotations-from: only corrections stored at or after this ISO time")
     train.set_defaults(func=cmd_train_with_annotations)
+
+    finetune = sub.choices["finetune"]
+    finetune.add_argument("--annotations-from", metavar="DATABASE_URL", help="the corrections (and, for rehearsal, the stored texts) of this database")
+    finetune.add_argument("--rehearse-max", type=int, default=2000, help="with --annotations-from and rehearsal_ratio > 0: stored texts used at most")
+    finetune.set_defaults(func=cmd_finetune_with_annotations)
+
+    worker = sub.add_parser("worker", help="the trainer: run retraining jobs from the database one at a time (settings from the environment)")
+    worker.add_argument("--once", action="store_true", help="exit when no job is left instead of waiting for more")
+    worker.set_defaults(func=cmd_worker)
 
     serve = sub.add_parser("serve", help="run the HTTP service (settings from the environment / .env)")
     serve.add_argument("--host", default="127.0.0.1")

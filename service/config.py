@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     allow_no_auth: bool = Field(False, description="serve without API keys on a non-loopback address (something in front authenticates)")
     bind_host: str = Field("127.0.0.1", description="the address the server binds (set by `ner serve --host`); used by the exposure and host checks")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Host header values answered; empty = loopback names and BIND_HOST (any on a wildcard bind); * = any")
-    models_dir: Path | None = Field(None, description="POST /admin/models loads folders only inside this one (default: the bundled models/ folder)")
+    models_dir: Path | None = Field(None, description="model folders: POST /admin/models loads only inside this one, and the trainer writes new versions here (default: the bundled models/ folder)")
 
     # feedback
     allow_partial_spans: bool = Field(False, description="accept feedback spans that split a token (they are widened to whole tokens)")
@@ -71,6 +71,18 @@ class Settings(BaseSettings):
 
     # model versions
     model_poll_s: float = Field(2.0, description="how often each worker checks the database for a newly activated model; 0 = never")
+
+    # retraining jobs (run by `ner worker`, never by the API)
+    finetune: dict[str, Any] = Field(default_factory=dict, description='fine-tuning settings as JSON, e.g. {"epochs": 6, "l2_to_base": 0.01} (ml/finetune.py FinetuneConfig)')
+    promote_min_gain: float = Field(0.005, description="held-out F1 a new version must gain over the active one to be activated")
+    promote_max_label_drop: float = Field(0.02, description="held-out F1 any one label may lose for a new version to be activated")
+    promote_min_label_support: int = Field(10, description="labels with fewer held-out entities are not checked by the per-label rule (too noisy)")
+    retrain_every_corrections: int = Field(0, description="the trainer queues a job by itself after this many new corrections; 0 = only POST /admin/retrain")
+    rehearsal_max_texts: int = Field(2000, description="stored, uncorrected texts used for pseudo-rehearsal (when finetune.rehearsal_ratio > 0)")
+    job_heartbeat_s: float = Field(5.0, description="how often a running job records that its worker is alive")
+    job_stale_s: float = Field(120.0, description="a running job whose heartbeat is older than this is taken again by another worker")
+    job_max_attempts: int = Field(3, description="a job whose worker died this many times is failed")
+    worker_poll_s: float = Field(5.0, description="how often an idle trainer looks for a job")
 
     @field_validator("api_keys", "extra_labels", "allowed_hosts", mode="before")
     @classmethod
@@ -104,6 +116,10 @@ class Settings(BaseSettings):
         for name in ("max_body_bytes", "max_text_chars", "max_batch_texts", "batch_max_texts", "queue_max_texts", "torch_threads", "db_write_batch", "max_entities", "queue_max_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
+        if self.job_stale_s <= 2 * self.job_heartbeat_s:
+            raise ValueError("JOB_STALE_S must be more than twice JOB_HEARTBEAT_S, or a live worker's job could be taken from it")
+        if self.job_max_attempts < 1 or self.promote_min_label_support < 0 or self.retrain_every_corrections < 0:
+            raise ValueError("JOB_MAX_ATTEMPTS must be at least 1; PROMOTE_MIN_LABEL_SUPPORT and RETRAIN_EVERY_CORRECTIONS non-negative")
         if self.queue_max_texts < self.max_batch_texts:
             raise ValueError("QUEUE_MAX_TEXTS must be at least MAX_BATCH_TEXTS, or a full request could never be queued")
         if self.queue_max_chars < self.max_text_chars:

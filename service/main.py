@@ -16,7 +16,7 @@ from service import metrics, security
 from service.api import errors, openapi
 from service.api.deps import Runtime, require_probe_key
 from service.api.routes import annotations as annotation_routes
-from service.api.routes import documents, feedback, health, models, tag
+from service.api.routes import documents, feedback, health, jobs, models, tag
 from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tagging = TaggingEngine(model, config).start()
         writer = prediction_writer(sessions, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
+        job_metrics = metrics.TrainingJobsCollector(sessions)
+        metrics.add_collector(job_metrics)
         # move everything built so far (torch, spaCy, the model) out of the garbage collector's
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
         gc.collect()
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 poller.cancel()
             tagging.close()
             writer.close()
+            metrics.remove_collector(job_metrics)
             engine.dispose()
             metrics.worker_exited()
 
@@ -76,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(annotate_page)
-    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, health.router):
+    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, jobs.router, health.router):
         app.include_router(router)
     openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)

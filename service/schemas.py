@@ -1,6 +1,7 @@
 """Request and response bodies (apart from the ORM). Unknown fields are rejected."""
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
@@ -146,11 +147,38 @@ class ModelVersionOut(BaseModel):
     active: bool
     metrics: dict
     lineage: dict
+    promotion: dict | None = Field(None, description="for a version a training job made: the promotion gate's decision and reason")
 
 
 class RegisterModel(Strict):
     path: StrictStr = Field(description="model folder, as seen by the service")
     activate: StrictBool = True
+
+
+class RetrainRequest(Strict):
+    base_model_id: StrictInt | None = Field(None, description="model version to fine-tune (default: the active one when the job runs)")
+    finetune: dict = Field(default_factory=dict, description='fine-tuning settings for this job over FINETUNE, e.g. {"epochs": 4}')
+
+
+class JobOut(BaseModel):
+    id: int
+    status: str = Field(description="queued | running | succeeded | failed")
+    trigger: str = Field(description="api (POST /admin/retrain) or schedule (RETRAIN_EVERY_CORRECTIONS)")
+    params: dict
+    base_model_id: int | None
+    result_model_id: int | None
+    corrections: int = Field(description="accepted corrections when the job was queued")
+    worker: str | None
+    attempts: int
+    progress: float = Field(description="0 to 1")
+    log_tail: list[str]
+    metrics: dict
+    decision: dict | None = Field(description="the promotion gate: promote, reason, gain, worst label and its drop")
+    error: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    finished_at: dt.datetime | None
 
 
 class Erased(BaseModel):

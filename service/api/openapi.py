@@ -46,6 +46,8 @@ _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/admin/models"): (409,),
     ("post", "/admin/models/{model_id}/activate"): (404,),
     ("delete", "/documents/{document_id}"): (404,),
+    ("post", "/admin/retrain"): (404,),
+    ("get", "/admin/jobs/{job_id}"): (404,),
 }
 # routes that never touch the database or a queue
 _NO_503 = {("get", "/healthz"), ("get", "/model"), ("get", "/metrics")}

@@ -28,7 +28,7 @@ def _summary(metrics_: dict) -> dict:
 
 
 def _out(row: ModelVersion) -> ModelVersionOut:
-    return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {})
+    return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {}, promotion=row.promotion)
 
 
 # ids are 32-bit on PostgreSQL and 64-bit on SQLite: beyond 2^31 - 1 the database would raise (a 500)
