@@ -39,8 +39,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, description="a request body not received in full within this many seconds gets 408")
     torch_threads: int = 1  # per worker process
     # a request whose texts total at most this many characters is tagged in the request's own thread
-    # when its lane is idle (no hand-off to the inference thread and back; its rows are then
-    # committed the same way when the writer is idle); 0 = never
+    # when its lane is idle (no hand-off to the inference thread and back); 0 = never
     inline_max_chars: int = 2000
     # sys.setswitchinterval of each worker: how long a thread holding the GIL may keep it from the
     # others (Python's default is 5 ms; 0.5 ms gave 20-25 % more requests/s at concurrency 32)

@@ -18,7 +18,6 @@ def prediction_writer(sessions: sessionmaker[Session], settings: Settings) -> Mi
         metrics.PREDICTIONS_STORED.inc(len(records))
         return [True] * len(records)
 
-    # when nothing else is being written, a request commits its own rows in its own thread
-    # (INLINE_MAX_CHARS=0 turns that off too)
-    inline = settings.inline_max_chars > 0
-    return MicroBatcher(write, settings.db_write_batch, 0.0, 16 * settings.db_write_batch, name="prediction-writer", inline=lambda records: inline)
+    # always through the writer thread, never inline in the request's: a commit can wait for
+    # another worker's SQLite lock, and that wait must not stop the event loop
+    return MicroBatcher(write, settings.db_write_batch, 0.0, 16 * settings.db_write_batch, name="prediction-writer")
