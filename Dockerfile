@@ -70,7 +70,7 @@ EXPOSE 8000
 # curl is not in the slim image: probe /healthz with Python. The first API key is sent along so the
 # probe also passes with PROTECT_PROBES=true.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; k = os.environ.get('API_KEYS', '').split(',')[0].strip(); u.urlopen(u.Request('http://127.0.0.1:8000/healthz', headers={'X-API-Key': k} if k else {}), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; k = os.environ.get('API_KEYS', '').split(',')[0].strip().split(':')[-1]; u.urlopen(u.Request('http://127.0.0.1:8000/healthz', headers={'X-API-Key': k} if k else {}), timeout=4)"]
 
 # several worker processes; `ner serve` then aggregates their metrics (PROMETHEUS_MULTIPROC_DIR)
 CMD ["sh", "-c", "exec ner serve --host 0.0.0.0 --port 8000 --workers \"${WORKERS:-2}\""]

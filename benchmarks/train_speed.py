@@ -39,6 +39,7 @@ def run(backend: str, config: Config, sentences, batches, vocab, threads: int) -
     start = time.perf_counter()
     for indices in batches:
         batch = tensorize([sentences[i].tokens for i in indices], vocab, config.model.max_word_length, [tags[i] for i in indices])
+        assert batch.tags is not None
         torch.manual_seed(len(indices))  # the same dropout masks for both backends
         value = model.loss(*batch.inputs, batch.tags)
         optimizer.zero_grad()

@@ -63,6 +63,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ml.finetune import FinetuneConfig, finetune, read_corrections
+
+    config = FinetuneConfig().override(args.set or [])
+    corrections = []
+    for path in args.corrections or []:
+        corrections.extend(read_corrections(path))
+    if not corrections:
+        return _fail("give the corrections: --corrections FILE.jsonl (GET /annotations?format=jsonl) or --annotations-from DATABASE_URL")
+    base_data = None
+    lineage: dict = dict(args.lineage or {})
+    if args.data:
+        from ml.data import read_corpus
+
+        folder = Path(args.data)
+        base_data = (read_corpus(folder / "train.txt"), read_corpus(folder / "dev.txt"))
+        lineage["base_corpus"] = str(folder)
+    rehearsal: list[str] = []
+    for path in args.rehearse or []:
+        path = Path(path)
+        rehearsal.extend(_read_texts(path, "jsonl" if path.suffix in (".jsonl", ".json") else "text"))
+    base = _default_model(args.from_model)
+    out = Path(args.out) if args.out else Path("runs") / f"{args.name or 'model'}-{args.version}"
+
+    def report(fraction: float, message: str) -> None:
+        if not args.quiet:
+            print(f"[{100 * fraction:3.0f}%] {message}", file=sys.stderr, flush=True)
+
+    result = finetune(base, corrections, out, args.version, config, args.name, base_data, rehearsal, lineage, progress=report)
+    held = result.metrics["heldout"]
+    summary = {
+        "model": str(out),
+        "heldout_documents": held["documents"],
+        "heldout_f1_before": held["before"]["f1"] if held["before"] else None,
+        "heldout_f1_after": held["after"]["f1"] if held["after"] else None,
+        "seconds": result.metrics["train_seconds"],
+    }
+    if "dev" in result.metrics:
+        summary.update(dev_f1_before=result.metrics["dev_before"]["f1"], dev_f1_after=result.metrics["dev"]["f1"])
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ml.data import read_corpus
     from ml.predictor import Predictor, evaluate
@@ -182,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="recorded in the new model's lineage")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, lineage=None)
+
+    p = sub.add_parser("finetune", help="fine-tune an existing model folder on corrections into a new version (minutes)")
+    p.add_argument("--from-model", help=DEFAULT_MODEL_HELP.replace("model folder", "base model folder"))
+    p.add_argument("--corrections", action="append", metavar="FILE.jsonl", help="corrections as GET /annotations?format=jsonl exports them")
+    p.add_argument("--data", help="the base corpus (folder with train.txt and dev.txt): mixed in, and dev F1 measured before and after")
+    p.add_argument("--rehearse", action="append", metavar="FILE", help="unlabelled texts (one a line, or JSONL) tagged by the base model for pseudo-rehearsal")
+    p.add_argument("--out", help="model folder to write (default: runs/NAME-VERSION)")
+    p.add_argument("--name", help="model name (default: the base model's)")
+    p.add_argument("--version", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a fine-tuning setting, e.g. --set epochs=4 --set freeze=encoder (see ml/finetune.py)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_finetune, lineage=None)
 
     p = sub.add_parser("evaluate", help="entity-level precision/recall/F1 of a model on a file")
     p.add_argument("--model", help=DEFAULT_MODEL_HELP)

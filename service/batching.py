@@ -34,6 +34,7 @@ class _Request(Generic[T]):
     items: Sequence[T]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    weight: int = 0
 
 
 class MicroBatcher(Generic[T, R]):
@@ -45,6 +46,8 @@ class MicroBatcher(Generic[T, R]):
         max_queue: int,
         name: str = "batcher",
         on_depth: Callable[[int], None] | None = None,
+        weight: Callable[[T], int] | None = None,
+        max_weight: int | None = None,
     ):
         self.process = process
         self.max_items = max_items
@@ -54,6 +57,12 @@ class MicroBatcher(Generic[T, R]):
         self.on_depth = on_depth
         self._queue: deque[_Request[T]] = deque()
         self._pending = 0  # items queued, not yet taken by the worker
+        # the work waiting, e.g. characters of texts: the bound that matters when items differ in
+        # size. Requests heavier than a tenth of it may fill only nine tenths, so a small request
+        # still fits while big batches are refused
+        self.weight = weight
+        self.max_weight = max_weight
+        self._pending_weight = 0
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -71,6 +80,11 @@ class MicroBatcher(Generic[T, R]):
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def depth(self) -> int:
+        """Items queued, not yet taken by the worker."""
+        return self._pending
+
     async def submit(self, items: Sequence[T]) -> list[R]:
         if not items:
             return []
@@ -79,17 +93,26 @@ class MicroBatcher(Generic[T, R]):
         with self._cond:
             if self._closed:
                 raise BatcherClosed(self.name)
-            if self._pending + len(items) > self.max_queue:
+            w = sum(self.weight(item) for item in items) if self.weight is not None else 0
+            if self._pending + len(items) > self.max_queue or not self._fits(w):
                 # a rough wait: the batches ahead of this one at the recent batch time
                 ahead = max(1.0, self._pending / self.max_items)
                 raise QueueFull(max(1.0, ahead * self._recent_batch_s))
-            self._queue.append(_Request(items, future, loop))
+            self._queue.append(_Request(items, future, loop, w))
             self._pending += len(items)
+            self._pending_weight += w
             depth = self._pending
             self._cond.notify()
         if self.on_depth:
             self.on_depth(depth)
         return await future
+
+    def _fits(self, w: int) -> bool:
+        if self.max_weight is None or self._pending_weight == 0:  # an empty queue takes any request
+            return True
+        reserve = self.max_weight // 10
+        limit = self.max_weight - reserve if w > reserve else self.max_weight
+        return self._pending_weight + w <= limit
 
     def _take(self) -> list[_Request[T]]:
         """Block until something is queued, then gather whole requests up to max_items."""
@@ -110,6 +133,7 @@ class MicroBatcher(Generic[T, R]):
                 request = self._queue.popleft()
                 taken.append(request)
                 count += len(request.items)
+                self._pending_weight -= request.weight
             self._pending -= count
             depth = self._pending
         if self.on_depth:

@@ -3,24 +3,69 @@ and ``train --annotations-from DATABASE_URL`` to learn from stored corrections."
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from ml.cli import build_parser, cmd_train, run
+from ml.cli import build_parser, cmd_finetune, cmd_train, run
+
+METRICS_PREFIX = "ner-metrics-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale_metrics_dirs(tmp: str | None = None) -> list[Path]:
+    """Remove ``ner-metrics-PID-*`` folders whose ``ner serve`` process is gone (killed before it
+    could clean up); folders of live processes are left alone."""
+    removed = []
+    for path in Path(tmp or tempfile.gettempdir()).glob(METRICS_PREFIX + "*"):
+        pid = path.name[len(METRICS_PREFIX) :].split("-", 1)[0]
+        if path.is_dir() and not path.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.config import Settings
+    from service.security import ConfigError, check_exposure
+
+    os.environ["BIND_HOST"] = args.host  # the workers' Settings read it (exposure and host checks)
+    try:
+        settings = Settings()
+        check_exposure(args.host, settings.key_ring, settings.allow_no_auth)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # must be set before any worker imports prometheus_client (see service.metrics)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ner-metrics-")
-    uvicorn.run(
-        "service.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-        log_level=args.log_level, access_log=args.access_log, proxy_headers=True,
-    )
+        clear_stale_metrics_dirs()
+        # must be set before any worker imports prometheus_client (see service.metrics); the pid in
+        # the name lets a later run tell a dead run's folder from a live one's
+        metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "service.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+            log_level=args.log_level, access_log=args.access_log, proxy_headers=True,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return 0
 
 
@@ -36,6 +81,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     from service.db import session as db
 
     url = _database_url(args)
+    if args.db_command == "purge":
+        return _purge(url, args)
     if args.db_command == "upgrade":
         db.upgrade(url, args.revision)
     elif args.db_command == "downgrade":
@@ -45,6 +92,27 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"database revision: {db.database_revision(engine)} (code: {db.code_revision()})")
     finally:
         engine.dispose()
+    return 0
+
+
+def _purge(url: str, args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from service.config import Settings
+    from service.db import session as db
+    from service.db.repositories import purge
+
+    settings = Settings()
+    days = args.older_than_days if args.older_than_days is not None else settings.retention_days
+    engine = db.make_engine(url)
+    try:
+        db.check_schema(engine)
+        with db.make_sessionmaker(engine)() as session:
+            removed = purge(session, retention_days=days, idempotency_ttl=dt.timedelta(hours=settings.idempotency_ttl_hours))
+    finally:
+        engine.dispose()
+    print(json.dumps({"retention_days": days, "idempotency_ttl_hours": settings.idempotency_ttl_hours, "removed": removed.as_dict()}))
     return 0
 
 
@@ -69,7 +137,8 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     if count == 0:
-        print(f"error: no stored corrections in {args.annotations_from}" + (f" since {args.since}" if args.since else ""), file=sys.stderr)
+        where = engine.url.render_as_string(hide_password=True)
+        print(f"error: no stored corrections in {where}" + (f" since {args.since}" if args.since else ""), file=sys.stderr)
         return 2
     print(f"training with {count} stored corrections from the database", file=sys.stderr)
     args.feedback = (args.feedback or []) + [f.name]
@@ -80,6 +149,56 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
         Path(f.name).unlink(missing_ok=True)
 
 
+def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
+    """``ner finetune --annotations-from URL``: the stored corrections (keyed by document, for the
+    held-out split) and, when rehearsal is on, stored uncorrected texts, then ml's finetune."""
+    if not args.annotations_from:
+        return cmd_finetune(args)
+    from ml.finetune import FinetuneConfig
+    from service.db import jobs as jobs_repo
+    from service.db.session import check_schema, make_engine, make_sessionmaker
+    from service.exports import export_lines
+
+    config = FinetuneConfig().override(args.set or [])
+    engine = make_engine(args.annotations_from)
+    files = []
+    try:
+        check_schema(engine)
+        sessions = make_sessionmaker(engine)
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f, sessions() as session:
+            files.append(f.name)
+            count = sum(f.write(line) > 0 for line in export_lines(session, "jsonl", None))
+        texts: list[str] = []
+        if config.rehearsal_ratio > 0:
+            with sessions() as session:
+                texts = jobs_repo.rehearsal_texts(session, limit=args.rehearse_max)
+            with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
+                files.append(f.name)
+                f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+            args.rehearse = (args.rehearse or []) + [f.name]
+    finally:
+        engine.dispose()
+    try:
+        if count == 0:
+            print(f"error: no stored corrections in {args.annotations_from}", file=sys.stderr)
+            return 2
+        print(f"fine-tuning on {count} stored corrections" + (f" and {len(texts)} stored texts for rehearsal" if texts else ""), file=sys.stderr)
+        args.corrections = (args.corrections or []) + [files[0]]
+        args.lineage = {"annotations_from": engine.url.render_as_string(hide_password=True)}
+        return cmd_finetune(args)
+    finally:
+        for name in files:
+            Path(name).unlink(missing_ok=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.config import Settings
+    from service.worker import main as worker_main
+
+    worker_main(Settings(), once=args.once)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -87,6 +206,15 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--annotations-from", metavar="DATABASE_URL", help="add the corrections stored in this database")
     train.add_argument("--since", help="with --annotations-from: only corrections stored at or after this ISO time")
     train.set_defaults(func=cmd_train_with_annotations)
+
+    finetune = sub.choices["finetune"]
+    finetune.add_argument("--annotations-from", metavar="DATABASE_URL", help="the corrections (and, for rehearsal, the stored texts) of this database")
+    finetune.add_argument("--rehearse-max", type=int, default=2000, help="with --annotations-from and rehearsal_ratio > 0: stored texts used at most")
+    finetune.set_defaults(func=cmd_finetune_with_annotations)
+
+    worker = sub.add_parser("worker", help="the trainer: run retraining jobs from the database one at a time (settings from the environment)")
+    worker.add_argument("--once", action="store_true", help="exit when no job is left instead of waiting for more")
+    worker.set_defaults(func=cmd_worker)
 
     serve = sub.add_parser("serve", help="run the HTTP service (settings from the environment / .env)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -98,10 +226,15 @@ def parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema (Alembic)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    for name, help_, default in (("upgrade", "apply migrations", "head"), ("downgrade", "revert migrations", None), ("current", "show the revision", None)):
+    for name, help_, default in (
+        ("upgrade", "apply migrations", "head"), ("downgrade", "revert migrations", None), ("current", "show the revision", None),
+        ("purge", "delete predictions and uncorrected texts older than RETENTION_DAYS, and expired idempotency keys", None),
+    ):
         c = db_sub.add_parser(name, help=help_)
-        if name != "current":
+        if name in ("upgrade", "downgrade"):
             c.add_argument("revision", nargs="?" if default else None, default=default)
+        if name == "purge":
+            c.add_argument("--older-than-days", type=float, help="default: RETENTION_DAYS (unset: only idempotency keys are cleared)")
         c.add_argument("--database-url", help="default: DATABASE_URL / .env / the SQLite default")
     db.set_defaults(func=cmd_db)
     return p

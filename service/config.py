@@ -1,11 +1,15 @@
 """All service settings in one class, read from the environment and ``.env``."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.security import KeyRing
 
 
 class Settings(BaseSettings):
@@ -28,17 +32,31 @@ class Settings(BaseSettings):
     # runs the next one fills up, so batches grow with the load and an idle server adds no delay
     batch_max_wait_ms: float = 0.0
     queue_max_texts: int = 2048  # beyond this, /tag answers 503 with Retry-After
+    # the queue's bound in characters (the work is proportional to them, not to the number of texts):
+    # a request that would push the queued characters past it is refused, a small one that fits is not
+    queue_max_chars: int = Field(2_000_000, description="characters waiting for the model before /tag answers 503")
+    small_request_chars: int = Field(2000, description="requests of at most this many characters in all are tagged in their own lane, never behind big ones")
+    body_timeout_s: float = Field(30.0, description="a request body not received in full within this many seconds gets 408")
     torch_threads: int = 1  # per worker process
 
     # persistence
     store_text: bool = Field(True, description="False: keep only a SHA-256 of each text (feedback must then resend the text)")
+    retention_days: float | None = Field(None, description="`ner db purge` deletes predictions, and texts nobody corrected, older than this; unset = keep")
+    idempotency_ttl_hours: float = Field(24.0, description="an Idempotency-Key protects retries for this long; then it may be used again and `ner db purge` clears it")
     db_write_batch: int = 256
     db_timeout_s: float = 3.0
 
     # security
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = no authentication")
-    protect_probes: bool = Field(False, description="also require an API key for /healthz, /readyz and /metrics")
-    admin_key: str | None = Field(None, description="X-Admin-Key for /admin; unset = admin endpoints disabled")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated `role:key` (roles: tag, annotate, read, admin) or plain `key` (= tag, annotate and read); empty = no authentication",
+    )
+    protect_probes: bool = Field(False, description="also require an API key for /healthz, /readyz, /metrics, /docs and /openapi.json")
+    admin_key: str | None = Field(None, description="X-Admin-Key for /admin (the same as an admin:KEY entry of API_KEYS); unset = admin endpoints disabled unless API_KEYS has an admin key")
+    allow_no_auth: bool = Field(False, description="serve without API keys on a non-loopback address (something in front authenticates)")
+    bind_host: str = Field("127.0.0.1", description="the address the server binds (set by `ner serve --host`); used by the exposure and host checks")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Host header values answered; empty = loopback names and BIND_HOST (any on a wildcard bind); * = any")
+    models_dir: Path | None = Field(None, description="model folders: POST /admin/models loads only inside this one, and the trainer writes new versions here (default: the bundled models/ folder)")
 
     # feedback
     allow_partial_spans: bool = Field(False, description="accept feedback spans that split a token (they are widened to whole tokens)")
@@ -47,7 +65,19 @@ class Settings(BaseSettings):
     # model versions
     model_poll_s: float = Field(2.0, description="how often each worker checks the database for a newly activated model; 0 = never")
 
-    @field_validator("api_keys", "extra_labels", mode="before")
+    # retraining jobs (run by `ner worker`, never by the API)
+    finetune: dict[str, Any] = Field(default_factory=dict, description='fine-tuning settings as JSON, e.g. {"epochs": 6, "l2_to_base": 0.01} (ml/finetune.py FinetuneConfig)')
+    promote_min_gain: float = Field(0.005, description="held-out F1 a new version must gain over the active one to be activated")
+    promote_max_label_drop: float = Field(0.02, description="held-out F1 any one label may lose for a new version to be activated")
+    promote_min_label_support: int = Field(10, description="labels with fewer held-out entities are not checked by the per-label rule (too noisy)")
+    retrain_every_corrections: int = Field(0, description="the trainer queues a job by itself after this many new corrections; 0 = only POST /admin/retrain")
+    rehearsal_max_texts: int = Field(2000, description="stored, uncorrected texts used for pseudo-rehearsal (when finetune.rehearsal_ratio > 0)")
+    job_heartbeat_s: float = Field(5.0, description="how often a running job records that its worker is alive")
+    job_stale_s: float = Field(120.0, description="a running job whose heartbeat is older than this is taken again by another worker")
+    job_max_attempts: int = Field(3, description="a job whose worker died this many times is failed")
+    worker_poll_s: float = Field(5.0, description="how often an idle trainer looks for a job")
+
+    @field_validator("api_keys", "extra_labels", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -57,9 +87,10 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _keys_long_enough(cls, keys: list[str]) -> list[str]:
-        short = [k for k in keys if len(k) < 16]
-        if short:
-            raise ValueError(f"{len(short)} API key(s) shorter than 16 characters; use long random keys (e.g. `openssl rand -hex 24`)")
+        from service.security import parse_key_entry
+
+        for entry in keys:
+            parse_key_entry(entry)  # raises naming the problem (unknown role, shorter than 16)
         return keys
 
     @field_validator("admin_key")
@@ -71,9 +102,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits_positive(self) -> Settings:
-        for name in ("max_body_bytes", "max_text_chars", "max_batch_texts", "batch_max_texts", "queue_max_texts", "torch_threads", "db_write_batch", "max_entities"):
+        for name in ("max_body_bytes", "max_text_chars", "max_batch_texts", "batch_max_texts", "queue_max_texts", "torch_threads", "db_write_batch", "max_entities", "queue_max_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
+        if self.job_stale_s <= 2 * self.job_heartbeat_s:
+            raise ValueError("JOB_STALE_S must be more than twice JOB_HEARTBEAT_S, or a live worker's job could be taken from it")
+        if self.job_max_attempts < 1 or self.promote_min_label_support < 0 or self.retrain_every_corrections < 0:
+            raise ValueError("JOB_MAX_ATTEMPTS must be at least 1; PROMOTE_MIN_LABEL_SUPPORT and RETRAIN_EVERY_CORRECTIONS non-negative")
         if self.queue_max_texts < self.max_batch_texts:
             raise ValueError("QUEUE_MAX_TEXTS must be at least MAX_BATCH_TEXTS, or a full request could never be queued")
+        if self.queue_max_chars < self.max_text_chars:
+            raise ValueError("QUEUE_MAX_CHARS must be at least MAX_TEXT_CHARS, or a text within the limit could never be queued")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ValueError("RETENTION_DAYS must be positive (unset it to keep everything)")
+        if self.idempotency_ttl_hours <= 0:
+            raise ValueError("IDEMPOTENCY_TTL_HOURS must be positive")
+        if self.body_timeout_s <= 0:
+            raise ValueError("BODY_TIMEOUT_S must be positive")
         return self
+
+    @functools.cached_property
+    def key_ring(self) -> KeyRing:
+        from service.security import KeyRing
+
+        return KeyRing.from_settings(self.api_keys, self.admin_key)

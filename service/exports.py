@@ -29,7 +29,9 @@ def export_lines(session: Session, fmt: str, since: dt.datetime | None, language
             raise ValueError(f"annotation {a.id}: its document has no text, but a corrected text is always kept")
         entities = repositories.annotation_entities(a)
         if fmt == "jsonl":
-            meta = {"author": a.author, "source": a.source, "created_at": a.created_at.isoformat(), "prediction_id": str(a.prediction_id) if a.prediction_id else None}
+            meta = {"author": a.author, "source": a.source, "created_at": a.created_at.isoformat(), "prediction_id": str(a.prediction_id) if a.prediction_id else None,
+                    # the held-out split of `ner finetune` is by document
+                    "document_id": str(a.document_id)}
             yield json.dumps({"id": a.id, "text": text, "entities": entities, "meta": meta}, ensure_ascii=False) + "\n"
         else:
             spans = [(e["start"], e["end"], e["label"]) for e in entities]

@@ -2,6 +2,7 @@
 and storing it once per Idempotency-Key. No FastAPI here."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from itertools import pairwise
 
@@ -12,7 +13,7 @@ from ml.data.tokenizer import AlignmentError, char_spans_to_token_spans
 from service import metrics
 from service.config import Settings
 from service.db import repositories
-from service.db.models import Prediction
+from service.db.models import Prediction, utcnow
 from service.errors import ApiError, database_unavailable
 from service.schemas import EntityIn, FeedbackRequest
 from service.tagging import ServedModel, check_text
@@ -81,10 +82,14 @@ def _corrected_text(body: FeedbackRequest, prediction: Prediction | None) -> str
 def store_feedback(session: Session, body: FeedbackRequest, *, idempotency_key: str | None, model: ServedModel, settings: Settings) -> repositories.StoredAnnotation:
     """Check a correction and store it; a repeated Idempotency-Key with the same body answers with
     the first annotation (``replayed``), with another body it is refused."""
+    if idempotency_key is not None and not idempotency_key.strip():
+        # an empty key would be one key shared by every client that sends it
+        raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key is empty; send a unique value per request (e.g. a UUID) or omit the header")
     request_sha = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    ttl = dt.timedelta(hours=settings.idempotency_ttl_hours)  # older keys have expired
     try:
         if idempotency_key is not None:
-            found = repositories.find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha)
+            found = repositories.find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha, not_before=utcnow() - ttl)
             if found is not None:
                 return repositories.StoredAnnotation(found, True)
         prediction = None
@@ -97,10 +102,12 @@ def store_feedback(session: Session, body: FeedbackRequest, *, idempotency_key: 
         entities = validate_entities(body.entities, text, allow_partial=body.allow_partial, model=model, settings=settings)
         result = repositories.create_annotation(
             session, text=text, entities=entities, author=body.author, source="prediction" if prediction is not None else "text",
-            prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha,
+            prediction=prediction, idempotency_key=idempotency_key, request_sha256=request_sha, idempotency_ttl=ttl,
         )
     except repositories.IdempotencyConflict:
         raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {idempotency_key!r} was already used with a different request body") from None
+    except repositories.IntegrityConflict as e:  # refused by a constraint, not a replay: the request conflicts
+        raise ApiError(409, "conflict", f"the correction was not stored: {e}") from None
     except SQLAlchemyError as e:
         metrics.FEEDBACK_FAILED.inc()
         raise database_unavailable(

@@ -11,11 +11,11 @@ import torch
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import metrics
-from service.api import errors
-from service.api.deps import Runtime
+from service import metrics, security
+from service.api import errors, openapi
+from service.api.deps import Runtime, require_probe_key
 from service.api.routes import annotations as annotation_routes
-from service.api.routes import feedback, health, models, tag
+from service.api.routes import documents, feedback, health, jobs, models, tag
 from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
@@ -29,6 +29,8 @@ log = logging.getLogger("service")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     config = settings or Settings()
+    # before anything is built: an open API on a public address is refused (ALLOW_NO_AUTH overrides)
+    security.check_exposure(config.bind_host, config.key_ring, config.allow_no_auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tagging = TaggingEngine(model, config).start()
         writer = prediction_writer(sessions, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer)
+        job_metrics = metrics.TrainingJobsCollector(sessions)
+        metrics.add_collector(job_metrics)
         # move everything built so far (torch, spaCy, the model) out of the garbage collector's
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
         gc.collect()
@@ -55,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 poller.cancel()
             tagging.close()
             writer.close()
+            metrics.remove_collector(job_metrics)
             engine.dispose()
             metrics.worker_exited()
 
@@ -63,12 +68,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Named entities with character offsets from a bidirectional recurrent tagger; corrections feed the next model.",
         version="0.1.0",
         lifespan=lifespan,
+        # served by service.api.openapi behind the probe key (PROTECT_PROBES), with the real error bodies
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     errors.install(app)
     app.include_router(annotate_page)
-    for router in (tag.router, feedback.router, annotation_routes.router, models.router, models.admin, health.router):
+    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, jobs.router, health.router):
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(security.TrustedHost, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
     app.add_middleware(RequestMetrics)
     return app
 

@@ -1,6 +1,7 @@
 """Pure ASGI middleware: request metrics by route template, and the body-size cap."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -36,11 +37,14 @@ class RequestMetrics:
 
 
 class BodyLimit:
-    """Answers 413 before the application sees a body over ``max_bytes`` (declared or streamed)."""
+    """Answers 413 before the application sees a body over ``max_bytes`` (declared or streamed), and
+    408 when the whole body has not arrived ``timeout_s`` after the request started (a client that
+    trickles or never finishes its body would otherwise hold the connection and a task forever)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -49,8 +53,12 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send)
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return await self._send_error(send, 408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s")
             if message["type"] == "http.disconnect":
                 return None
             body = message.get("body", b"")
@@ -74,6 +82,13 @@ class BodyLimit:
         return None
 
     async def _reject(self, send):
-        payload = json.dumps(error_body("too_large", f"the request body is larger than {self.max_bytes} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        return await self._send_error(send, 413, "too_large", f"the request body is larger than {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _send_error(send, status: int, code: str, message: str):
+        payload = json.dumps(error_body(code, message)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        if status == 408:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})

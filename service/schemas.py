@@ -1,16 +1,34 @@
 """Request and response bodies (apart from the ORM). Unknown fields are rejected."""
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic.json_schema import JsonDict
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# what check_text accepts, for generated clients and schemathesis: at least one non-space character,
+# no control characters but tab, CR and LF
+_ALLOWED = "[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]"
+TEXT_PATTERN = f"^{_ALLOWED}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_ALLOWED}*$"
+# (the length limits are settings, MAX_TEXT_CHARS and MAX_BATCH_TEXTS, answered with 413 / 422)
+_TEXT_SCHEMA: JsonDict = {"type": "string", "minLength": 1, "pattern": TEXT_PATTERN}
+
+
 class TagRequest(Strict):
+    # exactly one of text / texts, said in the schema too (the validator below enforces it)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [
+            {"required": ["text"], "properties": {"text": _TEXT_SCHEMA, "texts": {"type": "null"}}},
+            {"required": ["texts"], "properties": {"texts": {"type": "array", "minItems": 1, "items": _TEXT_SCHEMA}, "text": {"type": "null"}}},
+        ],
+    })
+
     text: StrictStr | None = Field(None, description="one text; answered with one result")
     texts: list[StrictStr] | None = Field(None, description="several texts; answered with {results: [...]}")
     include_tokens: StrictBool = False
@@ -69,6 +87,13 @@ class EntityIn(Strict):
 
 
 class FeedbackRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "anyOf": [
+            {"required": ["prediction_id"], "properties": {"prediction_id": {"type": "string", "format": "uuid"}}},
+            {"required": ["text"], "properties": {"text": _TEXT_SCHEMA}},
+        ],
+    })
+
     prediction_id: uuid.UUID | None = None
     text: StrictStr | None = None
     entities: list[EntityIn]
@@ -122,8 +147,40 @@ class ModelVersionOut(BaseModel):
     active: bool
     metrics: dict
     lineage: dict
+    promotion: dict | None = Field(None, description="for a version a training job made: the promotion gate's decision and reason")
 
 
 class RegisterModel(Strict):
     path: StrictStr = Field(description="model folder, as seen by the service")
     activate: StrictBool = True
+
+
+class RetrainRequest(Strict):
+    base_model_id: StrictInt | None = Field(None, description="model version to fine-tune (default: the active one when the job runs)")
+    finetune: dict = Field(default_factory=dict, description='fine-tuning settings for this job over FINETUNE, e.g. {"epochs": 4}')
+
+
+class JobOut(BaseModel):
+    id: int
+    status: str = Field(description="queued | running | succeeded | failed")
+    trigger: str = Field(description="api (POST /admin/retrain) or schedule (RETRAIN_EVERY_CORRECTIONS)")
+    params: dict
+    base_model_id: int | None
+    result_model_id: int | None
+    corrections: int = Field(description="accepted corrections when the job was queued")
+    worker: str | None
+    attempts: int
+    progress: float = Field(description="0 to 1")
+    log_tail: list[str]
+    metrics: dict
+    decision: dict | None = Field(description="the promotion gate: promote, reason, gain, worst label and its drop")
+    error: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class Erased(BaseModel):
+    document_id: uuid.UUID
+    deleted: dict[str, int] = Field(description="rows removed: documents, predictions, annotations")

@@ -20,8 +20,11 @@ from service.batching import BatcherClosed, MicroBatcher, QueueFull
 from service.config import Settings
 from service.db.repositories import PredictionRecord
 from service.errors import ApiError
+from service.logthrottle import ThrottledLog
 
 log = logging.getLogger("service.tagging")
+# during a database outage: the first failure, then a count at most every 5 s (not one line per request)
+_unstored = ThrottledLog(log, "predictions not stored", interval_s=5.0)
 
 # C0/C1 controls except tab, newline and carriage return; UTF-16 surrogates
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -62,24 +65,39 @@ class ServedResult:
 
 
 class TaggingEngine:
-    """Owns the served model and the inference batcher. ``switch`` replaces the model between two
-    batches: a batch always runs on one model, and a request in flight is never failed by it."""
+    """Owns the served model and the inference batchers. ``switch`` replaces the model between two
+    batches: a batch always runs on one model, and a request in flight is never failed by it.
+
+    Two lanes, each a batcher with its own thread: requests of at most SMALL_REQUEST_CHARS
+    characters in all, and the others. A one-sentence request then never waits behind a batch of
+    100,000-character texts (torch and the chunked tokenizer let the two threads share the CPU);
+    both queues are bounded by characters (QUEUE_MAX_CHARS) as well as texts."""
 
     def __init__(self, model: ServedModel, settings: Settings):
         self.model = model
         self.settings = settings
-        self.batcher: MicroBatcher[str, ServedResult] = MicroBatcher(
-            self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
-            name="inference", on_depth=metrics.QUEUE_DEPTH.set,
-        )
+
+        def lane(name: str) -> MicroBatcher[str, ServedResult]:
+            return MicroBatcher(
+                self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
+                name=name, on_depth=self._depth, weight=len, max_weight=settings.queue_max_chars,
+            )
+
+        self.small = lane("inference-small")
+        self.batcher = lane("inference")  # the lane of large requests
         metrics.QUEUE_CAPACITY.set(settings.queue_max_texts)
         metrics.set_model_info(model.name, model.version)
 
+    def _depth(self, _depth: int) -> None:
+        metrics.QUEUE_DEPTH.set(self.small.depth + self.batcher.depth)
+
     def start(self) -> TaggingEngine:
+        self.small.start()
         self.batcher.start()
         return self
 
     def close(self) -> None:
+        self.small.close()
         self.batcher.close()
 
     def switch(self, model: ServedModel) -> ServedModel:
@@ -104,7 +122,8 @@ class TaggingEngine:
         return [ServedResult(r, model) for r in results]
 
     async def tag(self, texts: Sequence[str]) -> list[ServedResult]:
-        return await self.batcher.submit(list(texts))
+        small = sum(len(t) for t in texts) <= self.settings.small_request_chars
+        return await (self.small if small else self.batcher).submit(list(texts))
 
 
 def check_text(text: str, where: str, settings: Settings) -> None:
@@ -169,10 +188,11 @@ async def tag_texts(
         try:
             await writer.submit(records)
             stored = True
+            _unstored.success()
         except (SQLAlchemyError, QueueFull, BatcherClosed) as e:  # the answer still goes out, marked as not stored
             metrics.DB_ERRORS.labels(operation="store_prediction").inc()
             metrics.PREDICTIONS_NOT_STORED.inc(len(records))
-            log.warning("predictions not stored: %s: %s", type(e).__name__, e)
+            _unstored.failure(e, len(records))
 
     results = []
     for prediction_id, s, ents in zip(ids, served, entities, strict=True):

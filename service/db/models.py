@@ -5,7 +5,7 @@ import datetime as dt
 import uuid
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -46,11 +46,16 @@ class Annotation(Base):
     """A correction: the full list of entities a person says the text has."""
 
     __tablename__ = "annotations"
-    __table_args__ = (Index("ix_annotations_status_created", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_annotations_status_created", "status", "created_at"),
+        # at most one accepted correction per text (so per document): the database enforces it
+        Index("uq_annotations_accepted_text", "text_sha256", unique=True, postgresql_where=text("status = 'accepted'"), sqlite_where=text("status = 'accepted'")),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     document_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     prediction_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("predictions.id", ondelete="SET NULL"), nullable=True, index=True)
     entities: Mapped[list[Any]] = mapped_column(JSON)
+    text_sha256: Mapped[str] = mapped_column(String(64))  # of the corrected text
     author: Mapped[str | None] = mapped_column(String(200), nullable=True)
     source: Mapped[str] = mapped_column(String(20))  # "prediction" (correcting one) or "text" (new text)
     status: Mapped[str] = mapped_column(String(20), default="accepted")  # accepted | superseded
@@ -74,3 +79,31 @@ class ModelVersion(Base):
     lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # what the promotion gate said about a version a training job produced (None: registered by hand)
+    promotion: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class TrainingJob(Base):
+    """A retraining request and its run: queued -> running -> succeeded | failed. A running job
+    whose heartbeat is older than JOB_STALE_S belongs to a dead worker and is taken again."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (Index("ix_training_jobs_status_created", "status", "created_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    trigger: Mapped[str] = mapped_column(String(20))  # "api" (POST /admin/retrain) or "schedule" (every N corrections)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    base_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), nullable=True)
+    result_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), nullable=True)
+    corrections: Mapped[int] = mapped_column(Integer, default=0)  # accepted corrections when it was queued
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    log: Mapped[str] = mapped_column(Text, default="")  # the last lines only (see service.jobs.LOG_TAIL)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    decision: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

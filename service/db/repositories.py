@@ -5,10 +5,12 @@ import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import text as sql_text
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -55,17 +57,52 @@ class IdempotencyConflict(Exception):
     """The key was used before with a different request body."""
 
 
+class IntegrityConflict(Exception):
+    """A write refused by a constraint that is not an idempotency replay; the message says why."""
+
+
 @dataclass
 class StoredAnnotation:
     annotation: Annotation
     replayed: bool  # True when an earlier request with the same key and body created it
 
 
-def find_by_idempotency_key(session: Session, *, key: str, request_sha256: str) -> Annotation | None:
-    found = session.scalars(select(Annotation).where(Annotation.idempotency_key == key)).first()
+def find_by_idempotency_key(session: Session, *, key: str, request_sha256: str, not_before: dt.datetime | None = None) -> Annotation | None:
+    """The correction stored under ``key`` (keys older than ``not_before`` have expired: None)."""
+    query = select(Annotation).where(Annotation.idempotency_key == key)
+    if not_before is not None:
+        query = query.where(Annotation.created_at >= not_before)
+    found = session.scalars(query).first()
     if found is not None and found.request_sha256 != request_sha256:
         raise IdempotencyConflict(key)
     return found
+
+
+def _document_for_text(session: Session, digest: str) -> Document | None:
+    """The document a new text's correction belongs to: the one its accepted correction is on, else
+    the newest stored copy of the text (so the same text twice is one document)."""
+    accepted = select(Annotation.document_id).where(Annotation.text_sha256 == digest, Annotation.status == "accepted")
+    found = session.scalars(select(Document).where(Document.id.in_(accepted))).first()
+    if found is None:
+        found = session.scalars(select(Document).where(Document.text_sha256 == digest).order_by(Document.created_at.desc())).first()
+    return found
+
+
+def _is_accepted_race(error: IntegrityError) -> bool:
+    message = str(error.orig)
+    return "uq_annotations_accepted_text" in message or "annotations.text_sha256" in message
+
+
+def _conflict_reason(error: IntegrityError) -> str:
+    # a fixed description per constraint: the driver's message may quote stored values
+    message = str(error.orig).lower()
+    if "foreign key" in message:
+        return "the prediction or document this correction refers to was deleted meanwhile"
+    if "idempotency_key" in message:
+        return "the Idempotency-Key is in use by a concurrent request with another body"
+    if "text_sha256" in message or "uq_annotations_accepted_text" in message:
+        return "concurrent corrections of the same text kept conflicting; retry"
+    return "the correction conflicts with stored data"
 
 
 def create_annotation(
@@ -78,53 +115,84 @@ def create_annotation(
     prediction: Prediction | None = None,
     idempotency_key: str | None = None,
     request_sha256: str | None = None,
+    idempotency_ttl: dt.timedelta | None = None,
+    attempts: int = 4,
 ) -> StoredAnnotation:
-    """Store a correction; earlier accepted corrections of the same document are superseded.
-    A repeated idempotency key with the same body returns the first annotation, unchanged.
+    """Store a correction as the one accepted correction of its text: the text's earlier accepted
+    correction (on any document) is superseded in the same transaction, and a new text joins the
+    document of an earlier copy. A partial unique index allows one accepted correction per text;
+    a concurrent correction of the same text makes the commit fail, and the write is retried (the
+    later one supersedes). A repeated idempotency key with the same body returns the first
+    annotation, unchanged; keys expire after ``idempotency_ttl``. Raises IntegrityConflict when a
+    constraint refuses the write for another reason.
+
     The corrected text is always kept, also when STORE_TEXT keeps only hashes of tagged texts:
     a correction is training data, and training needs the text."""
-    if idempotency_key is not None:
-        found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "")
-        if found is not None:
-            return StoredAnnotation(found, True)
-    if prediction is not None:
-        document = prediction.document
-        if document.text is None:
-            document.text = text
-    else:
-        document = Document(id=uuid.uuid4(), text=text, text_sha256=sha256(text), length=len(text))
-        session.add(document)
-        session.flush()
-    session.execute(
-        update(Annotation).where(Annotation.document_id == document.id, Annotation.status == "accepted").values(status="superseded")
-    )
-    annotation = Annotation(
-        document_id=document.id, prediction_id=prediction.id if prediction is not None else None, entities=entities, author=author,
-        source=source, status="accepted", idempotency_key=idempotency_key, request_sha256=request_sha256, created_at=utcnow(),
-    )
-    session.add(annotation)
-    try:
-        session.commit()
-    except IntegrityError:
-        # a concurrent request with the same idempotency key won the race: answer as a replay
-        session.rollback()
-        if idempotency_key is None:
-            raise
-        found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "")
-        if found is None:
-            raise
-        return StoredAnnotation(found, True)
-    return StoredAnnotation(annotation, False)
+    digest = sha256(text)
+    prediction_id = prediction.id if prediction is not None else None
+    not_before = utcnow() - idempotency_ttl if idempotency_ttl is not None else None
+    for attempt in range(attempts):
+        if session.get_bind().dialect.name == "postgresql":
+            # corrections of one text queue up behind each other (until commit): the later one finds
+            # the earlier's document and supersedes its correction, instead of failing on the index
+            session.execute(sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(digest[:15], 16)})
+        if idempotency_key is not None:
+            found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "", not_before=not_before)
+            if found is not None:
+                return StoredAnnotation(found, True)
+            if not_before is not None:  # an expired key may be used again
+                session.execute(update(Annotation).where(Annotation.idempotency_key == idempotency_key, Annotation.created_at < not_before).values(idempotency_key=None))
+        if prediction_id is not None:
+            prediction = session.get(Prediction, prediction_id)
+            if prediction is None:
+                raise IntegrityConflict("the prediction was deleted meanwhile")
+            document = prediction.document
+            if document.text is None:
+                document.text = text
+        else:
+            existing = _document_for_text(session, digest)
+            if existing is None:
+                document = Document(id=uuid.uuid4(), text=text, text_sha256=digest, length=len(text))
+                session.add(document)
+                session.flush()
+            else:
+                document = existing
+                if document.text is None:
+                    document.text = text
+        session.execute(update(Annotation).where(Annotation.text_sha256 == digest, Annotation.status == "accepted").values(status="superseded"))
+        annotation = Annotation(
+            document_id=document.id, prediction_id=prediction_id, entities=entities, text_sha256=digest, author=author,
+            source=source, status="accepted", idempotency_key=idempotency_key, request_sha256=request_sha256, created_at=utcnow(),
+        )
+        session.add(annotation)
+        try:
+            session.commit()
+        except IntegrityError as e:
+            session.rollback()
+            if idempotency_key is not None:
+                # a concurrent request with the same idempotency key won the race: answer as a replay
+                found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "", not_before=not_before)
+                if found is not None:
+                    return StoredAnnotation(found, True)
+            if _is_accepted_race(e) and attempt < attempts - 1:
+                continue  # another correction of this text committed first: supersede it
+            raise IntegrityConflict(_conflict_reason(e)) from None
+        return StoredAnnotation(annotation, False)
+    raise AssertionError("unreachable")
 
 
 def iter_annotations(session: Session, *, since: dt.datetime | None = None, batch: int = 500) -> Iterator[Annotation]:
-    """Accepted corrections with their text, oldest first, read in pages."""
+    """Accepted corrections with their text, oldest first, read in pages with an id cursor. Each
+    page is read in a transaction of its own that ends before its rows are handed out: a slow
+    reader of /annotations holds no connection between pages (the rows, their documents joined,
+    stay loaded: the session does not expire them)."""
     query = select(Annotation).where(Annotation.status == "accepted")
     if since is not None:
         query = query.where(Annotation.created_at >= since)
     last_id = 0
     while True:
         rows = session.scalars(query.where(Annotation.id > last_id).order_by(Annotation.id).limit(batch)).all()
+        session.commit()  # read-only: ends the transaction, the connection goes back to the pool
         if not rows:
             return
         yield from rows
@@ -196,3 +264,60 @@ def count_queue(session: Session) -> int:
     corrected = select(Annotation.document_id)
     query = select(func.count()).select_from(Prediction).join(Document).where(Document.text.is_not(None), Prediction.document_id.not_in(corrected))
     return session.scalar(query) or 0
+
+
+# retention and erasure: what `ner db purge` and DELETE /documents/{id} remove
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return cast("CursorResult[Any]", result).rowcount
+
+
+@dataclass
+class Removed:
+    documents: int = 0
+    predictions: int = 0
+    annotations: int = 0
+    idempotency_keys: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def purge(session: Session, *, retention_days: float | None, idempotency_ttl: dt.timedelta, now: dt.datetime | None = None) -> Removed:
+    """Delete predictions older than ``retention_days`` and the texts (documents) of that age that
+    no correction refers to; corrections and their texts stay (they are the training data; erase
+    one with ``erase_document``). Clear idempotency keys older than ``idempotency_ttl``."""
+    now = now or utcnow()
+    removed = Removed()
+    if retention_days is not None:
+        cutoff = now - dt.timedelta(days=retention_days)
+        removed.predictions = _rowcount(session.execute(delete(Prediction).where(Prediction.created_at < cutoff)))
+        corrected = select(Annotation.document_id)
+        uncorrected_old = delete(Document).where(Document.created_at < cutoff, Document.id.not_in(corrected))
+        # their remaining (younger) predictions go with them (ON DELETE CASCADE)
+        removed.documents = _rowcount(session.execute(uncorrected_old))
+    expired = update(Annotation).where(Annotation.idempotency_key.is_not(None), Annotation.created_at < now - idempotency_ttl).values(idempotency_key=None)
+    removed.idempotency_keys = _rowcount(session.execute(expired))
+    session.commit()
+    return removed
+
+
+def erase_document(session: Session, *, document_id: uuid.UUID) -> Removed | None:
+    """Erase a text and everything derived from it: every stored copy of the same text (documents
+    with its hash), their predictions and their corrections. None if the document does not exist."""
+    document = session.get(Document, document_id)
+    if document is None:
+        return None
+    copies = select(Document.id).where(Document.text_sha256 == document.text_sha256)
+    removed = Removed(
+        predictions=session.scalar(select(func.count()).select_from(Prediction).where(Prediction.document_id.in_(copies))) or 0,
+        annotations=session.scalar(select(func.count()).select_from(Annotation).where(Annotation.document_id.in_(copies))) or 0,
+    )
+    # explicit deletes rather than relying on ON DELETE CASCADE alone (a SQLite connection without
+    # PRAGMA foreign_keys would silently keep the children)
+    session.execute(delete(Annotation).where(Annotation.document_id.in_(copies)))
+    session.execute(delete(Prediction).where(Prediction.document_id.in_(copies)))
+    removed.documents = _rowcount(session.execute(delete(Document).where(Document.text_sha256 == document.text_sha256)))
+    session.commit()
+    return removed

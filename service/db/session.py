@@ -16,19 +16,23 @@ class SchemaError(RuntimeError):
 
 def make_engine(url: str, timeout_s: float = 3.0, pool_size: int = 8) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": max(timeout_s, 5.0)})
+        # hide_parameters: an error logged by SQLAlchemy must not carry users' texts (INSERT parameters)
+        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": max(timeout_s, 5.0)})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk before it returns, so an acknowledged correction survives a
+            # power loss too (NORMAL in WAL mode can lose the last commits then; the group writer
+            # keeps the fsyncs of /tag few)
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
     connect_args = {"connect_timeout": max(1, int(timeout_s))} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_s, connect_args=connect_args)
+    return create_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_s, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -44,7 +44,11 @@ def pg_server_url() -> Iterator[str]:
 def make_settings(database_url: str, model_dir, **overrides):
     from service.config import Settings
 
-    values = {"database_url": database_url, "ner_model": model_dir, "model_poll_s": 0, "batch_max_wait_ms": 2.0, "_env_file": None}
+    # TestClient sends "Host: testserver"; the trusted-host check must accept it
+    values = {
+        "database_url": database_url, "ner_model": model_dir, "model_poll_s": 0, "batch_max_wait_ms": 2.0,
+        "allowed_hosts": ["testserver", "127.0.0.1", "localhost"], "_env_file": None,
+    }
     values.update(overrides)
     return Settings(**values)
 

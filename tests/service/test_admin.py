@@ -32,8 +32,9 @@ def _served(client) -> str:
 
 
 @pytest.fixture
-def admin(sqlite_url, small_model_dir):
-    with running_app(make_settings(sqlite_url, small_model_dir, admin_key=ADMIN["X-Admin-Key"])) as c:
+def admin(sqlite_url, small_model_dir, tmp_path):
+    # model folders are registered from the test's own folder (MODELS_DIR confines them)
+    with running_app(make_settings(sqlite_url, small_model_dir, admin_key=ADMIN["X-Admin-Key"], models_dir=tmp_path)) as c:
         yield c
 
 

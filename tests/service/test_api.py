@@ -303,3 +303,13 @@ def test_settings_refuse_unsafe_values(monkeypatch):
     monkeypatch.delenv("ADMIN_KEY")
     with pytest.raises(ValueError, match="QUEUE_MAX_TEXTS"):
         Settings(queue_max_texts=2, max_batch_texts=10, _env_file=None)
+
+
+def test_exported_corrections_name_their_document(client):
+    """`ner finetune` splits by document: the JSONL export carries the document id."""
+    text = "Olga visited Paris ."
+    r = client.post("/feedback", json={"text": text, "entities": [{"start": 0, "end": 4, "label": "PER"}]})
+    assert r.status_code == 201, r.text
+    records = [json.loads(line) for line in client.get("/annotations?format=jsonl").text.splitlines() if line.strip()]
+    mine = [rec for rec in records if rec["text"] == text]
+    assert mine and all(len(rec["meta"]["document_id"]) == 36 for rec in mine)

@@ -2,6 +2,7 @@
 are aggregated (Prometheus multiprocess mode)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -73,3 +74,30 @@ def test_serve_with_two_workers_aggregates_metrics(tmp_path, small_model_dir):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_finetune_from_the_database(tmp_path, small_model_dir):
+    from service.db import repositories
+    from service.db.session import make_engine, make_sessionmaker, upgrade
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        for product in ("Zephyr X9", "Nimbus Pro", "Falcon 7"):
+            for context in ("Olga bought a {} .", "Tom sold his {} in Oslo ."):
+                text = context.format(product)
+                start = text.index(product)
+                repositories.create_annotation(session, text=text, entities=[{"start": start, "end": start + len(product), "label": "PRODUCT"}], author="t", source="text")
+    engine.dispose()
+    assert ner("finetune", "--from-model", str(small_model_dir), "--version", "1.1.0").returncode == 2  # no corrections given
+    out = ner("finetune", "--from-model", str(small_model_dir), "--annotations-from", url, "--version", "1.1.0", "--out", str(tmp_path / "v2"),
+              "--set", "epochs=2", "--set", "holdout_every=0", "--quiet")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fine-tuning on 6 stored corrections" in out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    lineage = json.loads((tmp_path / "v2" / "meta.json").read_text())["lineage"]
+    assert lineage["corrections"] == lineage["train_documents"] == 6 and summary["heldout_documents"] == 0
+    assert lineage["annotations_from"].startswith("sqlite:///") and lineage["new_labels"] == ["PRODUCT"]
+    bad = ner("finetune", "--from-model", str(small_model_dir), "--annotations-from", url, "--version", "1.1.0", "--set", "epochs=many")
+    assert bad.returncode == 2 and "epochs" in bad.stderr

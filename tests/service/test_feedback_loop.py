@@ -42,7 +42,7 @@ def _write_config(path: Path) -> Path:
 def test_corrections_retrain_activate_and_roll_back(tmp_path, small_model_dir):
     db_url = f"sqlite:///{tmp_path / 'loop.db'}"
     upgrade(db_url)
-    settings = make_settings(db_url, small_model_dir, admin_key=ADMIN["X-Admin-Key"], model_poll_s=0.5, extra_labels=["PRODUCT"])
+    settings = make_settings(db_url, small_model_dir, admin_key=ADMIN["X-Admin-Key"], models_dir=tmp_path, model_poll_s=0.5, extra_labels=["PRODUCT"])
     with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=30) as c:
         before = c.post("/tag", json={"text": PROBE, "store": False}).json()
         assert before["model"]["version"] == "1.0.0"

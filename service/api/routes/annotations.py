@@ -10,23 +10,33 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RuntimeDep, SessionDep, require_api_key
+from service.api.deps import RuntimeDep, SessionDep, require_annotate_key, require_read_key
 from service.db import repositories
-from service.errors import database_unavailable
+from service.errors import ApiError, database_unavailable
 from service.exports import export_lines
 from service.schemas import QueueItem
 
-router = APIRouter(tags=["annotations"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["annotations"])
 
 
-@router.get("/annotations")
+def _parse_since(value: str | None) -> dt.datetime | None:
+    # ISO 8601 only: pydantic would also take a number as a Unix time, which the schema does not say
+    if value is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"since: {value!r} is not an ISO 8601 date-time (e.g. 2026-11-27T10:00:00Z)") from None
+
+
+@router.get("/annotations", dependencies=[Depends(require_read_key)])
 def export_annotations(
     runtime: RuntimeDep,
     session: SessionDep,
     format: Literal["jsonl", "conll"] = "jsonl",
-    since: dt.datetime | None = Query(None, description="only corrections stored at or after this time (ISO 8601)"),
+    since_text: str | None = Query(None, alias="since", description="only corrections stored at or after this time (ISO 8601)", json_schema_extra={"format": "date-time"}),
 ):
-    lines = export_lines(session, format, since, language=runtime.tagging.model.language)
+    lines = export_lines(session, format, _parse_since(since_text), language=runtime.tagging.model.language)
     try:
         first = next(lines, "")  # touch the database before the 200 goes out
     except SQLAlchemyError as e:
@@ -41,7 +51,7 @@ def export_annotations(
     return StreamingResponse(body(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-@router.get("/annotations/queue", response_model=list[QueueItem])
+@router.get("/annotations/queue", response_model=list[QueueItem], dependencies=[Depends(require_annotate_key)])
 def queue(session: SessionDep, limit: int = Query(20, ge=1, le=500)):
     """Uncorrected stored texts whose weakest token marginal is lowest: correct these first."""
     rows = repositories.least_confident(session, limit=limit)

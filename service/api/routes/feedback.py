@@ -6,12 +6,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
-from service.api.deps import RuntimeDep, SessionDep, require_api_key
+from service.api.deps import RuntimeDep, SessionDep, require_annotate_key
 from service.db.models import Annotation
 from service.feedback import store_feedback
 from service.schemas import FeedbackRequest, FeedbackResponse
 
-router = APIRouter(tags=["feedback"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["feedback"], dependencies=[Depends(require_annotate_key)])
 
 
 @router.post("/feedback", status_code=201, response_model=FeedbackResponse, responses={200: {"model": FeedbackResponse, "description": "a replay of an earlier request with the same Idempotency-Key"}})

@@ -2,13 +2,16 @@
 model versions without a restart."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
 
 from service import registry
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key, require_api_key
 from service.db import repositories
 from service.db.models import ModelVersion
 from service.schemas import ModelInfo, ModelVersionOut, RegisterModel
+from service.security import default_models_dir, model_folder
 
 router = APIRouter(tags=["models"])
 
@@ -25,8 +28,11 @@ def _summary(metrics_: dict) -> dict:
 
 
 def _out(row: ModelVersion) -> ModelVersionOut:
-    return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {})
+    return ModelVersionOut(id=row.id, name=row.name, version=row.version, path=row.path, active=row.active, metrics=_summary(row.metrics or {}), lineage=row.lineage or {}, promotion=row.promotion)
 
+
+# ids are 32-bit on PostgreSQL and 64-bit on SQLite: beyond 2^31 - 1 the database would raise (a 500)
+ModelId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a model version id from GET /admin/models")]
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
@@ -40,10 +46,11 @@ def list_models(session: SessionDep):
 async def add_model(body: RegisterModel, runtime: RuntimeDep, session: SessionDep):
     """Load a model folder (refused with the reason if it does not load or predict), record it as a
     version, and with ``activate`` serve it from now on (other workers follow within MODEL_POLL_S)."""
-    return _out(await registry.add_version(session, runtime.tagging, path=body.path, activate=body.activate))
+    path = model_folder(body.path, runtime.settings.models_dir or default_models_dir())
+    return _out(await registry.add_version(session, runtime.tagging, path=path, activate=body.activate))
 
 
 @admin.post("/models/{model_id}/activate", response_model=ModelVersionOut)
-async def activate(model_id: int, runtime: RuntimeDep, session: SessionDep):
+async def activate(model_id: ModelId, runtime: RuntimeDep, session: SessionDep):
     """Serve a registered version again: this is also how to roll back."""
     return _out(await registry.activate_version(session, runtime.tagging, model_id=model_id))

@@ -1,0 +1,232 @@
+"""The learning loop on another domain, end to end through the deployed pieces.
+
+WikiGold (145 Wikipedia articles, CoNLL labels, IOB1) is split by a seeded shuffle into 100 articles
+whose gold annotations are posted as corrections through ``POST /feedback`` of a running service
+(``ner serve`` on PostgreSQL), and 45 articles that are only ever used for the report. After 10, 25,
+50 and 100 posted articles a job is queued with ``POST /admin/retrain`` (fine-tuning the bundled
+model, so the points of the curve are comparable) and run by ``ner worker --once``: one training
+process at a time. Reported per point: F1 on the 45 articles and on CoNLL-2003 test before (the
+bundled model) and after (forgetting), the job's wall time (from its row), the held-out F1 the job
+measured on its own held-out corrections, and the gate's decision.
+
+    python benchmarks/learning_loop.py --wikigold ../shared/data/wikigold/wikigold.conll.txt \\
+        --conll-test ../shared/data/conll2003/test.txt --json runs/learning_loop.json
+
+Needs PostgreSQL at 127.0.0.1:5432 (a fresh database is created and dropped) unless
+``--database-url`` names one (its corrections must be only this benchmark's).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ADMIN_KEY = "benchmark-admin-key-" + "0" * 8
+
+
+def articles(path: Path):
+    """WikiGold as a list of articles, each a list of gold sentences (tokens, spans)."""
+    from ml.data.conll import read_conll
+
+    docs: dict[int, list] = {}
+    for s in read_conll(path):
+        docs.setdefault(s.doc_id or 0, []).append(s)
+    return [docs[k] for k in sorted(docs)]
+
+
+def article_record(sentences) -> dict:
+    """One text per article (sentences on their own lines, tokens joined by spaces) and its
+    entities as character offsets: what an annotator would send to POST /feedback."""
+    from ml.data.jsonl import sentence_to_record
+
+    text, entities = "", []
+    for s in sentences:
+        r = sentence_to_record(s)
+        entities += [{"start": e["start"] + len(text), "end": e["end"] + len(text), "label": e["label"]} for e in r["entities"]]
+        text += r["text"] + "\n"
+    return {"text": text, "entities": entities}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str):
+    from sqlalchemy import create_engine, text
+
+    name = f"ner_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def evaluate_folder(folder: str | Path, sentences) -> dict:
+    from ml.predictor import Predictor, evaluate
+
+    scores = evaluate(Predictor.load(folder), sentences)
+    return {"f1": scores.f1, "per_type": {k: round(v["f1"], 4) for k, v in scores.per_type.items()}}
+
+
+def sweep(args, docs, posted) -> int:
+    """Forgetting candidates, chosen on the split's held-out articles and CoNLL dev only."""
+    from ml.data.conll import read_conll
+    from ml.finetune import Correction, FinetuneConfig, finetune
+
+    corrections = []
+    for k in sorted(posted):
+        record = article_record(docs[k])
+        corrections.append(Correction(f"wikigold-{k}", record["text"], [(e["start"], e["end"], e["label"]) for e in record["entities"]]))
+    dev = read_conll(args.conll_dev)
+    rows = {}
+    for name, settings in json.loads(args.sweep).items():
+        config = FinetuneConfig.from_dict({"threads": args.threads, **settings})
+        result = finetune(args.model, corrections, None, "1.1.0", config, base_data=([], dev))
+        m = result.metrics
+        rows[name] = {"settings": settings, "heldout_before": m["heldout"]["before"]["f1"], "heldout_after": m["heldout"]["after"]["f1"],
+                      "dev_before": m["dev_before"]["f1"], "dev_after": m["dev"]["f1"], "train_seconds": m["train_seconds"]}
+        print(f"{name}: held-out {100 * rows[name]['heldout_before']:.2f} -> {100 * rows[name]['heldout_after']:.2f}, "
+              f"CoNLL dev {100 * rows[name]['dev_before']:.2f} -> {100 * rows[name]['dev_after']:.2f}, {m['train_seconds']:.0f}s", file=sys.stderr, flush=True)
+    print(json.dumps(rows, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--wikigold", default=str(ROOT.parent / "shared/data/wikigold/wikigold.conll.txt"))
+    p.add_argument("--conll-test", default=str(ROOT.parent / "shared/data/conll2003/test.txt"), help="forgetting is measured here (never used to choose anything)")
+    p.add_argument("--model", default=str(ROOT / "models/en-conll03"))
+    p.add_argument("--posted", type=int, default=100, help="articles whose gold is posted as corrections")
+    p.add_argument("--curve", default="10,25,50,100", help="retrain after this many posted articles")
+    p.add_argument("--seed", type=int, default=2026, help="the article split")
+    p.add_argument("--finetune", default="{}", help="FINETUNE for the trainer (JSON), e.g. '{\"epochs\": 8}'")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the service and the trainer")
+    p.add_argument("--database-url", help="a PostgreSQL database to use (default: a fresh one on 127.0.0.1:5432)")
+    p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--sweep", metavar="JSON", help='instead: fine-tune on the posted articles with each of {"name": {settings}, ...} and report the '
+                   "held-out F1 of the split (1 in 5 posted articles) and CoNLL-2003 dev F1, before and after (no service, no test data)")
+    p.add_argument("--conll-dev", default=str(ROOT.parent / "shared/data/conll2003/dev.txt"), help="forgetting, for --sweep")
+    args = p.parse_args(argv)
+
+    import httpx
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ml.data.conll import read_conll
+
+    docs = articles(Path(args.wikigold))
+    # posting order: the seeded sample's; the 45 others are reported on
+    posted = random.Random(args.seed).sample(range(len(docs)), args.posted)
+    report = sorted(set(range(len(docs))) - set(posted))
+    curve = sorted({min(int(n), args.posted) for n in args.curve.split(",")})
+    eval_sentences = [s for k in report for s in docs[k]]
+    if args.sweep:
+        return sweep(args, docs, posted)
+    conll_test = read_conll(args.conll_test)
+    print(f"WikiGold: {len(docs)} articles; {len(posted)} posted as corrections, {len(report)} reported on ({len(eval_sentences)} sentences)", file=sys.stderr)
+    base = {"wikigold_report": evaluate_folder(args.model, eval_sentences), "conll_test": evaluate_folder(args.model, conll_test)}
+    print(f"base model: F1 {100 * base['wikigold_report']['f1']:.2f} on the {len(report)} articles, {100 * base['conll_test']['f1']:.2f} on CoNLL-2003 test", file=sys.stderr)
+
+    results = {"seed": args.seed, "posted": len(posted), "report_articles": len(report), "finetune": json.loads(args.finetune), "threads": args.threads, "base": base, "points": []}
+    with contextlib.ExitStack() as stack:
+        db_url = args.database_url or stack.enter_context(fresh_database(args.pg_admin_url))
+        models_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ner-loop-")))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": db_url, "TORCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+        subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
+        port = free_port()
+        server_log = models_dir / "server.log"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
+            env={**env, "NER_MODEL": args.model, "ADMIN_KEY": ADMIN_KEY, "MODEL_POLL_S": "1", "MODELS_DIR": str(models_dir)},
+        )
+        stack.callback(server.wait, 30)
+        stack.callback(server.terminate)
+        client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120))
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get("/readyz").status_code == 200:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the service did not start:\n{server_log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        admin = {"X-Admin-Key": ADMIN_KEY}
+        base_id = next(m["id"] for m in client.get("/admin/models", headers=admin).json() if m["active"])
+        sent = 0
+        for n in curve:
+            for k in posted[sent:n]:
+                r = client.post("/feedback", json={**article_record(docs[k]), "author": "wikigold"}, headers={"Idempotency-Key": f"wikigold-{k}"})
+                if r.status_code not in (200, 201):
+                    raise SystemExit(f"POST /feedback of article {k}: {r.status_code} {r.text}")
+            sent = n
+            r = client.post("/admin/retrain", json={"base_model_id": base_id}, headers=admin)
+            if r.status_code != 202:
+                raise SystemExit(f"POST /admin/retrain: {r.status_code} {r.text}")
+            job_id = r.json()["id"]
+            started = time.perf_counter()
+            worker = subprocess.run(
+                [sys.executable, "-m", "service.cli", "worker", "--once"], cwd=ROOT, capture_output=True, text=True,
+                env={**env, "MODELS_DIR": str(models_dir), "FINETUNE": args.finetune},
+            )
+            process_seconds = time.perf_counter() - started
+            job = client.get(f"/admin/jobs/{job_id}", headers=admin).json()
+            if worker.returncode != 0 or job["status"] != "succeeded":
+                raise SystemExit(f"job {job_id} {job['status']}: {job.get('error')}\n{worker.stderr[-3000:]}")
+            from datetime import datetime
+
+            job_seconds = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
+            folder = job["metrics"]["model"]["path"]
+            point = {
+                "articles": n,
+                "job_id": job_id,
+                "version": job["metrics"]["model"]["version"],
+                "job_seconds": round(job_seconds, 1),
+                "worker_process_seconds": round(process_seconds, 1),
+                "train_seconds": job["metrics"]["train_seconds"],
+                "heldout_documents": job["metrics"]["heldout"]["documents"],
+                "heldout_f1_before": job["metrics"]["heldout_f1_before"],
+                "heldout_f1_after": job["metrics"]["heldout_f1_after"],
+                "promoted": job["decision"]["promote"],
+                "decision": job["decision"]["reason"],
+                "wikigold_report": evaluate_folder(folder, eval_sentences),
+                "conll_test": evaluate_folder(folder, conll_test),
+            }
+            results["points"].append(point)
+            print(
+                f"{n:4d} articles: WikiGold-45 F1 {100 * base['wikigold_report']['f1']:.2f} -> {100 * point['wikigold_report']['f1']:.2f}, "
+                f"CoNLL test {100 * base['conll_test']['f1']:.2f} -> {100 * point['conll_test']['f1']:.2f}, job {job_seconds:.0f}s, "
+                f"{'promoted' if point['promoted'] else 'candidate'} ({point['decision']})",
+                file=sys.stderr, flush=True,
+            )
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
