@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,27 +25,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "conll2003" / "test.txt"
-LABELS = ("PER", "LOC", "ORG", "MISC")
 
 
 def read_sentences(path: Path) -> list[list[str]]:
     from ml.data import read_corpus
 
     return [s.tokens for s in read_corpus(path, fmt="conll")]
-
-
-def spacy_peer():
-    """A blank English pipeline with an untrained NER of spaCy's efficiency architecture."""
-    import spacy
-    from spacy.cli.init_config import init_config
-
-    config = init_config(lang="en", pipeline=["ner"], optimize="efficiency", gpu=False)
-    nlp = spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
-    ner = nlp.get_pipe("ner")
-    for label in LABELS:
-        ner.add_label(label)  # type: ignore[attr-defined]
-    nlp.initialize()
-    return nlp
 
 
 def throughput(run_batch: Callable[[Sequence[Sequence[str]]], object], sentences: list[list[str]], repeats: int) -> list[float]:
@@ -113,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.no_spacy:
         from spacy.tokens import Doc
+
+        sys.path.insert(0, str(ROOT))  # the peer pipeline is the one benchmarks/spacy_service.py serves
+        from benchmarks.spacy_service import spacy_peer
 
         nlp = spacy_peer()
 

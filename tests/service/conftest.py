@@ -27,18 +27,35 @@ def pg_server_url() -> Iterator[str]:
     CI must run these tests; .ci/run starts the server when it is down."""
     if not pg_available():
         pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)")
+    with fresh_database("ner_test") as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A database of its own for one test (the session database is shared with other tests' rows)."""
+    if not pg_available():
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
+    with fresh_database("ner_fresh") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """Create a new database on the PostgreSQL server, yield its URL, drop it afterwards."""
     from sqlalchemy import create_engine, text
 
-    name = f"ner_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
 
 
 def make_settings(database_url: str, model_dir, **overrides):

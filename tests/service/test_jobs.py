@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.db.session import upgrade
-from tests.service.conftest import PG_ADMIN_URL, LiveServer, make_settings
+from tests.service.conftest import LiveServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = {"X-Admin-Key": "b" * 24}
@@ -33,26 +32,6 @@ JOB_ENV = {
     # the small model learns fast; 1 document in 2 held out so that 30 corrections give a held-out set
     "FINETUNE": json.dumps({"epochs": 30, "lr": 0.01, "holdout_every": 2, "threads": 1}),
 }
-
-
-@pytest.fixture
-def fresh_pg_url():
-    """A database of its own (the session database is shared with other tests' corrections)."""
-    from sqlalchemy import create_engine, text
-
-    name = f"ner_jobs_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:  # noqa: BLE001 - the message says what to start
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {e}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
 
 
 def start_worker(db_url: str, models_dir: Path, log: Path, *args: str) -> subprocess.Popen:
