@@ -46,6 +46,11 @@ RECIPE = {
     "two layers": ("two BiLSTM layers", ["model.num_layers=2"]),
     "nadam": ("Nadam instead of Adam", ["train.optimizer='nadam'"]),
     "clip 1": ("gradient-norm clipping at 1 instead of 5", ["train.clip_norm=1.0"]),
+    # the second round: one change each to the 1.1.0 recipe, compared with its row ("all GloVe words")
+    "all words + two layers": ("1.1.0 recipe (all GloVe words) with two BiLSTM layers", ["train.pretrained_max_words=400000", "model.num_layers=2"]),
+    "all words + nadam": ("1.1.0 recipe (all GloVe words) with Nadam instead of Adam", ["train.pretrained_max_words=400000", "train.optimizer='nadam'"]),
+    "all words + clip 1": ("1.1.0 recipe (all GloVe words) with gradient-norm clipping at 1 instead of 5", ["train.pretrained_max_words=400000", "train.clip_norm=1.0"]),
+    "all words + document context": ("1.1.0 recipe (all GloVe words) with document context (windows of up to 256 tokens, batches of 4 windows)", ["train.pretrained_max_words=400000", "model.context='document'", "train.batch_size=4"]),
     "locked dropout": ("variational (locked) dropout on the inputs and outputs of the recurrence", ["model.locked_dropout=true"]),
 }
 
@@ -206,14 +211,14 @@ def main() -> int:
     if recipe:
         rows = [dict(recipe[n], name=f"{n}: {RECIPE[n][0]}") for n in RECIPE if n in recipe]
         print_table(rows, f"Recipe search, {'/'.join(str(e) for e in {r['epochs'] for r in rows})} epochs each, seed 1, native recurrence in training")
-        if "reference" in recipe:
-            ref = recipe["reference"]
-            print("\n| change | Δ dev | Δ test (original) | Δ CoNLL++ | Δ WikiGold |\n|---|---|---|---|---|")
+        if "reference" in recipe or "all GloVe words" in recipe:
+            print("\n| change | against | Δ dev | Δ test (original) | Δ CoNLL++ | Δ WikiGold |\n|---|---|---|---|---|---|")
             for n in RECIPE:
-                if n != "reference" and n in recipe:
-                    r = recipe[n]
+                base = "all GloVe words" if n.startswith("all words + ") else "reference"
+                if n != "reference" and n in recipe and base in recipe and recipe[n]["epochs"] == recipe[base]["epochs"]:
+                    r, ref = recipe[n], recipe[base]
                     d = [100 * (r[k] - ref[k]) if r.get(k) is not None and ref.get(k) is not None else None for k in ("dev", "test_orig", "test_conllpp", "wikigold")]
-                    print(f"| {n} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
+                    print(f"| {n} | {base} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
     if ablations:
         rows = [dict(ablations[n], name=f"{n}: {ABLATIONS[n][0]}") for n in ABLATIONS if n in ablations]
         epochs = {r["epochs"] for r in rows}

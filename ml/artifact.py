@@ -74,13 +74,14 @@ def entity_types(vocab: Vocabularies) -> list[str]:
     return sorted({split_tag(t)[1] for t in vocab.tags.itos if t != "O"})
 
 
-def build_model(config: Config, vocab: Vocabularies, with_lm: bool = True, generator: torch.Generator | None = None) -> Tagger:
-    """The one place a Tagger is assembled from a config and vocabularies."""
+def build_model(config: Config, vocab: Vocabularies, with_lm: bool = True, generator: torch.Generator | None = None, init_words: bool = True) -> Tagger:
+    """The one place a Tagger is assembled from a config and vocabularies (``init_words=False``:
+    the word table is left uninitialised for weights about to be loaded)."""
     transitions = allowed_transitions(vocab.tags.itos, config.model.tag_scheme)
     model_config = config.model
     if not with_lm and model_config.lm_weight:
         model_config = Config.from_dict({**config.to_dict(), "model": {**config.to_dict()["model"], "lm_weight": 0.0}}).model
-    return Tagger.from_config(model_config, len(vocab.words), len(vocab.chars), len(vocab.tags), transitions, generator)
+    return Tagger.from_config(model_config, len(vocab.words), len(vocab.chars), len(vocab.tags), transitions, generator, init_words)
 
 
 def round_half_precision_(model: Tagger) -> None:
@@ -223,7 +224,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: 
     if backend is not None:
         config.model.backend = backend
         config.model.validate()
-    model = build_model(config, vocab, with_lm=False)
+    model = build_model(config, vocab, with_lm=False, init_words=False)  # every tensor is loaded below
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     try:
         model.load_state_dict(state)

@@ -338,8 +338,11 @@ class _NumpyLSTM:
             sig = np.empty((d, 3 * h), dtype=np.float32)
             scratch = np.empty((d, h), dtype=np.float32)
             for t in range(steps):
-                np.matmul(state, w_hh, out=gates3)  # (D, 1, H) x (D, H, 4H)
-                gates += gates_x[t]
+                if t:
+                    np.matmul(state, w_hh, out=gates3)  # (D, 1, H) x (D, H, 4H)
+                    gates += gates_x[t]
+                else:  # the initial state is zero: no recurrent term (exactly as adding 0)
+                    gates[:] = gates_x[0]
                 np.tanh(gates, out=gates)
                 np.multiply(gates[:, : 3 * h], 0.5, out=sig)
                 sig += 0.5  # input, forget, output gates

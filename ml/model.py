@@ -147,12 +147,20 @@ class Tagger(nn.Module):
         self.num_tags = num_tags
 
     @classmethod
-    def from_config(cls, config: ModelConfig, num_words: int, num_chars: int, num_tags: int, transitions=None, generator: Optional[torch.Generator] = None) -> Tagger:
+    def from_config(
+        cls, config: ModelConfig, num_words: int, num_chars: int, num_tags: int, transitions=None,
+        generator: Optional[torch.Generator] = None, init_words: bool = True,
+    ) -> Tagger:
+        """``init_words=False`` leaves the word table uninitialised (its weights are about to be
+        loaded: drawing 20 million random numbers twice was a third of loading the shipped model)."""
         config.validate()
-        words = nn.Embedding(num_words, config.word_dim, padding_idx=PAD_ID)
-        nn.init.uniform_(words.weight, -0.1, 0.1)
-        with torch.no_grad():
-            words.weight[PAD_ID].zero_()
+        if init_words:  # (nn.Embedding's own init runs first, as always: seeded trainings keep their random stream)
+            words = nn.Embedding(num_words, config.word_dim, padding_idx=PAD_ID)
+            nn.init.uniform_(words.weight, -0.1, 0.1)
+            with torch.no_grad():
+                words.weight[PAD_ID].zero_()
+        else:
+            words = nn.Embedding(num_words, config.word_dim, padding_idx=PAD_ID, _weight=torch.empty(num_words, config.word_dim))
         chars: Optional[CharCNN | CharRNN] = None
         if config.char_encoder == "cnn":
             chars = CharCNN(num_chars, config.char_dim, config.char_hidden, config.char_kernel)

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     retention_days: float | None = Field(None, description="`ner db purge` deletes predictions, and texts nobody corrected, older than this; unset = keep")
     idempotency_ttl_hours: float = Field(24.0, description="an Idempotency-Key protects retries for this long; then it may be used again and `ner db purge` clears it")
     db_write_batch: int = 256
+    predictions_fsync: bool = Field(
+        False,
+        description="true: every commit of /tag's stored predictions waits for the disk (fsync), as corrections, "
+        "deletions and model changes always do; false: committed (visible, kept if the service crashes) "
+        "without that wait, so a power loss can lose the last fraction of a second of predictions",
+    )
     db_timeout_s: float = 3.0
 
     # security

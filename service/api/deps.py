@@ -30,6 +30,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     tagging: TaggingEngine
     writer: MicroBatcher[PredictionRecord, bool]
+    writer_engine: Engine  # the prediction writer's (engine itself when PREDICTIONS_FSYNC)
 
 
 async def get_runtime(request: Request) -> Runtime:

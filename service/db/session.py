@@ -14,7 +14,12 @@ class SchemaError(RuntimeError):
     pass
 
 
-def make_engine(url: str, timeout_s: float = 3.0, pool_size: int = 8) -> Engine:
+def make_engine(url: str, timeout_s: float = 3.0, pool_size: int = 8, fsync: bool = True) -> Engine:
+    """``fsync=False`` (the prediction writer's engine, unless PREDICTIONS_FSYNC): a commit is
+    committed (visible to every reader, kept if the service crashes) without waiting for the disk,
+    so a power loss or OS crash can lose the last fraction of a second of such commits. SQLite:
+    synchronous=NORMAL in WAL mode; PostgreSQL: synchronous_commit=off (never corrupts, loses at
+    most about 3 × wal_writer_delay of commits). Other writes keep waiting for the disk."""
     if url.startswith("sqlite"):
         # hide_parameters: an error logged by SQLAlchemy must not carry users' texts (INSERT parameters)
         engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": max(timeout_s, 5.0)})
@@ -24,14 +29,16 @@ def make_engine(url: str, timeout_s: float = 3.0, pool_size: int = 8) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
             # FULL: a commit is on disk before it returns, so an acknowledged correction survives a
-            # power loss too (NORMAL in WAL mode can lose the last commits then; the group writer
-            # keeps the fsyncs of /tag few)
-            cursor.execute("PRAGMA synchronous=FULL")
+            # power loss too (NORMAL in WAL mode can lose the last commits then, not older ones: a
+            # later FULL commit syncs the whole WAL)
+            cursor.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
-    connect_args = {"connect_timeout": max(1, int(timeout_s))} if url.startswith("postgresql") else {}
+    connect_args: dict = {"connect_timeout": max(1, int(timeout_s))} if url.startswith("postgresql") else {}
+    if url.startswith("postgresql") and not fsync:
+        connect_args["options"] = "-c synchronous_commit=off"
     return create_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_s, connect_args=connect_args)
 
 

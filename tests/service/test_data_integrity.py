@@ -200,6 +200,38 @@ def test_sqlite_commits_are_synchronous_full(sqlite_url):
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
     engine.dispose()
+    engine = make_engine(sqlite_url, fsync=False)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"  # NORMAL is only safe in WAL mode
+    engine.dispose()
+
+
+def test_postgres_commits_skip_the_disk_wait_only_on_the_prediction_engine(pg_server_url):
+    from service.db.session import make_engine
+
+    for fsync, expected in ((True, "on"), (False, "off")):
+        engine = make_engine(pg_server_url, fsync=fsync)
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == expected
+        engine.dispose()
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_only_predictions_may_skip_the_disk_wait_and_stored_means_committed(sqlite_url, small_model_dir, fsync):
+    """PREDICTIONS_FSYNC=false (the default): the prediction writer's connections commit without
+    fsync; every other write (corrections, deletions, models) keeps synchronous=FULL; either way a
+    "stored": true answer is committed, visible to a new connection at once."""
+    with running_app(make_settings(sqlite_url, small_model_dir, predictions_fsync=fsync)) as c:
+        runtime = c.app.state.runtime
+        assert (runtime.writer_engine is runtime.engine) == fsync
+        with runtime.writer_engine.connect() as conn:
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == (2 if fsync else 1)
+        with runtime.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2
+        r = c.post("/tag", json={"text": "Tom went home ."})
+        assert r.status_code == 200 and r.json()["stored"] is True
+        assert _rows(sqlite_url, "SELECT text FROM documents") == [("Tom went home .",)]
 
 
 @pytest.mark.parametrize("model_id", [2**31, 2**63, 10**30, 0, -1])
