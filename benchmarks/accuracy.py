@@ -214,11 +214,11 @@ def main() -> int:
         if "reference" in recipe or "all GloVe words" in recipe:
             print("\n| change | against | Δ dev | Δ test (original) | Δ CoNLL++ | Δ WikiGold |\n|---|---|---|---|---|---|")
             for n in RECIPE:
-                base = "all GloVe words" if n.startswith("all words + ") else "reference"
-                if n != "reference" and n in recipe and base in recipe and recipe[n]["epochs"] == recipe[base]["epochs"]:
-                    r, ref = recipe[n], recipe[base]
+                against = "all GloVe words" if n.startswith("all words + ") else "reference"
+                if n != "reference" and n in recipe and against in recipe and recipe[n]["epochs"] == recipe[against]["epochs"]:
+                    r, ref = recipe[n], recipe[against]
                     d = [100 * (r[k] - ref[k]) if r.get(k) is not None and ref.get(k) is not None else None for k in ("dev", "test_orig", "test_conllpp", "wikigold")]
-                    print(f"| {n} | {base} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
+                    print(f"| {n} | {against} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
     if ablations:
         rows = [dict(ablations[n], name=f"{n}: {ABLATIONS[n][0]}") for n in ABLATIONS if n in ablations]
         epochs = {r["epochs"] for r in rows}
