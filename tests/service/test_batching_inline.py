@@ -71,3 +71,30 @@ def test_an_inline_error_reaches_the_caller_and_the_batcher_keeps_working():
         assert asyncio.run(batcher.submit([3])) == [30]
     finally:
         batcher.close()
+
+
+def test_a_worker_batch_resolves_every_request_once_errors_and_cancellations_included():
+    """The worker wakes each event loop once per batch: every request of a merged batch gets its
+    own result, a failing batch gives its error to each of its requests, and a request cancelled
+    while queued (client gone) does not disturb the others."""
+    batcher, _, batches = make(inline=lambda items: False, delay=0.05)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit([1]))  # taken alone while the rest queue
+        await asyncio.sleep(0.01)
+        good = [asyncio.ensure_future(batcher.submit([i])) for i in (2, 3, 4)]
+        gone = asyncio.ensure_future(batcher.submit([5]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await first == [10]
+        assert await asyncio.gather(*good) == [[20], [30], [40]]
+        failing = [asyncio.ensure_future(batcher.submit([i])) for i in (6, -7)]
+        return await asyncio.gather(*failing, return_exceptions=True), gone.cancelled()
+
+    try:
+        (a, b), cancelled = asyncio.run(scenario())
+        assert cancelled
+        assert isinstance(a, ValueError) and isinstance(b, ValueError)  # one batch [6, -7]: its error to both
+        assert [2, 3, 4, 5] in batches and [6, -7] in batches
+    finally:
+        batcher.close()
