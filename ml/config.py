@@ -125,6 +125,9 @@ class TrainConfig:
     fit_dev: bool = False  # train on train + dev for exactly train.epochs epochs, keep the last (dev selects nothing)
     save_backend: str = ""  # recurrence backend written into the saved model ("" = model.backend); weights load into both
     feedback_weight: int = 1  # times each stored correction is repeated in the training data
+    # > 0: the model ends with the mean of its weights at the ends of the last N epochs (no dev
+    # selection of an epoch; with dev data, every epoch and the average are still scored on dev)
+    average_last: int = 0
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -132,8 +135,10 @@ class TrainConfig:
             _choice("train.save_backend", self.save_backend, BACKENDS)
         for name in ("epochs", "batch_size", "eval_batch_size", "lr", "pretrained_max_words", "feedback_weight"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("momentum", "weight_decay", "lr_decay", "clip_norm", "patience", "max_train_sentences", "threads"):
+        for name in ("momentum", "weight_decay", "lr_decay", "clip_norm", "patience", "max_train_sentences", "threads", "average_last"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        if self.average_last > self.epochs:
+            raise ConfigError(f"train.average_last={self.average_last} averages more epochs than train.epochs={self.epochs}")
         return self
 
 

@@ -436,6 +436,42 @@ class LogProgress(Callback):
             self.log(f"{'best' if trainer.data.dev is not None else 'last'} epoch {result.best_epoch}{dev}; {result.seconds:.0f}s{saved}")
 
 
+class AverageWeights(Callback):
+    """The model ends with the mean of its weights at the ends of the last ``last`` epochs
+    (checkpoint averaging: a flatter point than any single epoch's, and less dependent on where the
+    last batches happened to leave the weights). Runs before the word correction is merged, so the
+    correction's rows are averaged like every other tensor. Early stopping would cut the window
+    short: the epochs actually run are averaged."""
+
+    def __init__(self, last: int):
+        if last < 1:
+            raise ValueError(f"AverageWeights needs at least one epoch to average, got {last}")
+        self.last = last
+        self.sum: dict[str, Tensor] = {}
+        self.count = 0
+
+    def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
+        if log.epoch <= trainer.tc.epochs - self.last:
+            return
+        with torch.no_grad():
+            for key, value in trainer.model.state_dict().items():
+                if value.is_floating_point():
+                    if key in self.sum:
+                        self.sum[key] += value.detach().double().cpu()
+                    else:
+                        self.sum[key] = value.detach().double().cpu().clone()
+        self.count += 1
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if not self.count:
+            return
+        state = trainer.model.state_dict()
+        with torch.no_grad():
+            for key, total in self.sum.items():
+                state[key].copy_((total / self.count).to(state[key].dtype))
+        trainer.selected_epoch = trainer.epoch  # the last epoch's run; metrics.json records average_last
+
+
 class SaveModel(Callback):
     """Writes the model folder on rank 0 once the final weights are chosen. Saving rounds the word
     embedding to its stored precision, so the dev scores are then measured on what was saved."""
@@ -498,7 +534,11 @@ def default_callbacks(
     """What ``train`` uses: dev selection and early stopping (unless ``select_on_dev`` is off, for a
     fixed-epoch fit), progress and log lines, then saving and metrics. The order matters: the best
     weights are restored before they are saved."""
-    callbacks: list[Callback] = [KeepBest(), EarlyStopping(config.train.patience, log)] if select_on_dev else []
+    callbacks: list[Callback] = []
+    if config.train.average_last:  # the average of the last epochs instead of the best one (dev still scores each)
+        callbacks.append(AverageWeights(config.train.average_last))
+    elif select_on_dev:
+        callbacks += [KeepBest(), EarlyStopping(config.train.patience, log)]
     if progress:
         callbacks.append(ProgressBar())
     callbacks.append(LogProgress(log))

@@ -336,3 +336,44 @@ def test_nadam_is_an_optimizer_choice():
     assert isinstance(build_optimizer(build_model(config, vocab), config.train), torch.optim.NAdam)
     with pytest.raises(ConfigError, match=r"train\.optimizer = 'nadamm' is not one of sgd, adam, nadam"):
         small_config(train__optimizer="nadamm")
+
+
+
+def test_average_last_ends_with_the_mean_of_the_last_epochs_weights(corpus):
+    """AverageWeights(2) over 3 epochs: the model ends with the mean of its weights at the ends of
+    epochs 2 and 3; dev still scores every epoch and the result is the average's dev score."""
+    from ml.artifact import build_model
+    from ml.train import AverageWeights, TrainData, Trainer, build_vocab
+
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(Callback):
+        def on_epoch_end(self, trainer, log):
+            snapshots[log.epoch] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    config = small_config(train__epochs=3, train__average_last=2)
+    vocab, _ = build_vocab(config, corpus)
+    model = build_model(config, vocab, generator=torch.Generator().manual_seed(0))
+    result = Trainer(model, vocab, TrainData(corpus, corpus), config, [Snapshot(), AverageWeights(2)]).fit()
+    assert [h.epoch for h in result.history] == [1, 2, 3] and all(h.dev_f1 >= 0 for h in result.history)
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            mean = ((snapshots[2][key].double() + snapshots[3][key].double()) / 2).float()
+            assert torch.allclose(value, mean, atol=1e-7), key
+    assert not torch.equal(model.state_dict()["projection.weight"], snapshots[3]["projection.weight"])
+    assert result.dev.f1 >= 0 and result.best_epoch == 3
+
+
+def test_average_last_replaces_dev_selection_in_the_default_callbacks():
+    from ml.train import AverageWeights, EarlyStopping, KeepBest, MergeWordCorrection, SaveModel, _merge_before_save, default_callbacks
+
+    config = small_config(train__epochs=3, train__average_last=2)
+    callbacks = _merge_before_save(default_callbacks(config, Path("m"), "m", "0.1.0", None, False, lambda m: None))
+    kinds = [type(c) for c in callbacks]
+    assert KeepBest not in kinds and EarlyStopping not in kinds
+    # averaged first, then the word correction merged, then saved
+    assert kinds.index(AverageWeights) < kinds.index(MergeWordCorrection) < kinds.index(SaveModel)
+    with pytest.raises(ConfigError, match="average_last"):
+        small_config(train__epochs=3, train__average_last=4).validate()
+    with pytest.raises(ValueError, match="at least one epoch"):
+        AverageWeights(0)
