@@ -36,8 +36,8 @@ ABLATIONS = {
 
 # The recipe search of issue 11: each one change to the reference, on the native (torch.nn) recurrence
 # for training speed, same seed and schedule for every row.
-# 1.0.0's configuration (the search ran before configs/en-conll03.toml became the 1.1.0 recipe)
-SEARCH_BASE = ["model.backend='native'", "train.seed=1", "train.pretrained_max_words=100000", "train.fit_dev=false"]
+# 1.0.0's configuration (the search ran before configs/en-conll03.toml became the 1.1.0, then the 1.2.0 recipe)
+SEARCH_BASE = ["model.backend='native'", "train.seed=1", "train.pretrained_max_words=100000", "train.fit_dev=false", "train.average_last=0"]
 RECIPE = {
     "reference": ("1.0.0's configuration (GloVe: 100,000 most frequent words, fine-tuned)", []),
     "all GloVe words": ("all 400,000 GloVe words; training words fine-tuned", ["train.pretrained_max_words=400000"]),
@@ -51,6 +51,7 @@ RECIPE = {
     "all words + nadam": ("1.1.0 recipe (all GloVe words) with Nadam instead of Adam", ["train.pretrained_max_words=400000", "train.optimizer='nadam'"]),
     "all words + clip 1": ("1.1.0 recipe (all GloVe words) with gradient-norm clipping at 1 instead of 5", ["train.pretrained_max_words=400000", "train.clip_norm=1.0"]),
     "all words + average last 5": ("1.1.0 recipe (all GloVe words), the model ends with the mean of its weights after epochs 6-10 (no epoch selected on dev)", ["train.pretrained_max_words=400000", "train.average_last=5"]),
+    "all words + average last 8": ("1.1.0 recipe (all GloVe words), the model ends with the mean of its weights after the last 8 epochs", ["train.pretrained_max_words=400000", "train.average_last=8"]),
     "all words + document context": ("1.1.0 recipe (all GloVe words) with document context (windows of up to 256 tokens, batches of 4 windows)", ["train.pretrained_max_words=400000", "model.context='document'", "train.batch_size=4"]),
     "locked dropout": ("variational (locked) dropout on the inputs and outputs of the recurrence", ["model.locked_dropout=true"]),
 }
@@ -142,11 +143,12 @@ def print_table(rows: list, title: str) -> None:
 def summary(rows: list) -> None:
     if len(rows) < 2:
         return
-    print("\n| over seeds | dev F1 | test F1 (original) | test F1 (CoNLL++) |\n|---|---|---|---|")
+    print("\n| over seeds | dev F1 | test F1 (original) | test F1 (CoNLL++) | WikiGold F1 | PER / LOC / ORG / MISC (original test, means) |\n|---|---|---|---|---|---|")
     cells = []
-    for key in ("dev", "test_orig", "test_conllpp"):
-        values = [100 * r[key] for r in rows]
-        cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (min {min(values):.2f}, max {max(values):.2f})")
+    for key in ("dev", "test_orig", "test_conllpp", "wikigold"):
+        values = [100 * r[key] for r in rows if r.get(key) is not None]
+        cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (min {min(values):.2f}, max {max(values):.2f})" if len(values) > 1 else "")
+    cells.append(" / ".join(f"{statistics.mean(100 * r['per_type'][t] for r in rows):.2f}" for t in ("PER", "LOC", "ORG", "MISC")) if all("per_type" in r for r in rows) else "")
     print(f"| mean ± sd, {len(rows)} seeds | " + " | ".join(cells) + " |")
 
 
@@ -182,7 +184,7 @@ def main() -> int:
         for name, (_, overrides) in ABLATIONS.items():
             if args.only and name not in args.only:
                 continue
-            base = ["model.backend='script'", "train.pretrained_max_words=100000", "train.fit_dev=false"]  # 1.0.0's configuration
+            base = ["model.backend='script'", "train.pretrained_max_words=100000", "train.fit_dev=false", "train.average_last=0"]  # 1.0.0's configuration
             run_one(f"ablation: {name}", [*base, *overrides, "train.seed=1"], args.data, args.out, args.epochs)
 
     elif args.what == "final":
