@@ -49,8 +49,11 @@ class MicroBatcher(Generic[T, R]):
         weight: Callable[[T], int] | None = None,
         max_weight: int | None = None,
         inline: Callable[[Sequence[T]], bool] | None = None,
+        on_thread_start: Callable[[], None] | None = None,
     ):
         self.process = process
+        # run first in the worker thread (per-thread settings, e.g. the OpenMP thread count)
+        self.on_thread_start = on_thread_start
         # a submission that ``inline`` accepts runs in the caller's thread when the batcher is idle
         # (nothing queued, processing or awaited): no hand-off to the worker and back, which is
         # most of the overhead at concurrency 1; under load everything goes through the worker
@@ -186,6 +189,8 @@ class MicroBatcher(Generic[T, R]):
         return taken
 
     def _run(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         while True:
             taken = self._take()
             if not taken:

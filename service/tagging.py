@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from ml.pipeline import TextResult, TextTagger
@@ -64,6 +65,15 @@ class ServedResult:
     model: ServedModel
 
 
+def set_thread_torch_threads(n: int) -> None:
+    """TORCH_THREADS for the calling thread. OpenMP keeps its thread count per thread: a thread
+    started after ``torch.set_num_threads`` in the main thread still runs OpenMP regions (the LSTM's
+    matrix products) on as many threads as there are cores. Two workers' inference threads then ran
+    four spinning OpenMP threads on two cores, and two workers on one machine collapsed now and
+    then (README, Performance)."""
+    torch.set_num_threads(n)
+
+
 class TaggingEngine:
     """Owns the served model and the inference batchers. ``switch`` replaces the model between two
     batches: a batch always runs on one model, and a request in flight is never failed by it.
@@ -82,6 +92,7 @@ class TaggingEngine:
                 self._process, settings.batch_max_texts, settings.batch_max_wait_ms, settings.queue_max_texts,
                 name=name, on_depth=self._depth, weight=len, max_weight=settings.queue_max_chars,
                 inline=lambda texts: sum(len(t) for t in texts) <= settings.inline_max_chars,
+                on_thread_start=lambda: set_thread_torch_threads(settings.torch_threads),
             )
 
         self.small = lane("inference-small")
