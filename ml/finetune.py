@@ -414,6 +414,7 @@ def finetune(
     train_config = Config.from_dict({**base_dict, "train": {
         **base_dict["train"], "epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": "adam", "lr": cfg.lr, "lr_decay": 0.0,
         "weight_decay": 0.0, "clip_norm": cfg.clip_norm, "seed": cfg.seed, "device": "cpu", "threads": cfg.threads,
+        "average_last": 0,  # the base recipe's checkpoint averaging is not the fine-tune's (its own callbacks run)
     }})
 
     def adam(m: Tagger, tc: TrainConfig) -> torch.optim.Optimizer:

@@ -151,3 +151,17 @@ def test_pull_to_base_holds_the_weights_near_the_base(small_model_dir, tmp_path)
                    float((new["projection.weight"][:k] - base["projection.weight"]).abs().max()))
 
     assert deviation("pulled", pull_to_base=0.5) < 0.5 * deviation("free", pull_to_base=0.0)
+
+
+def test_a_base_trained_with_weight_averaging_fine_tunes_for_fewer_epochs(small_model_dir, tmp_path):
+    """The shipped model's recipe averages its last 5 epochs (train.average_last); a fine-tune of
+    fewer epochs than that must not be refused by the inherited setting."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(small_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["train"]["epochs"], config["train"]["average_last"] = 10, 5
+    (base / "config.json").write_text(json.dumps(config))
+    finetune(base, product_corrections()[:4], tmp_path / "v2", "1.1.0", FinetuneConfig(epochs=1, holdout_every=0, threads=1), pretrained=None)
+    assert load_model(tmp_path / "v2").meta.version == "1.1.0"
