@@ -50,7 +50,7 @@ RECIPE = {
     "all words + two layers": ("1.1.0 recipe (all GloVe words) with two BiLSTM layers", ["train.pretrained_max_words=400000", "model.num_layers=2"]),
     "all words + nadam": ("1.1.0 recipe (all GloVe words) with Nadam instead of Adam", ["train.pretrained_max_words=400000", "train.optimizer='nadam'"]),
     "all words + clip 1": ("1.1.0 recipe (all GloVe words) with gradient-norm clipping at 1 instead of 5", ["train.pretrained_max_words=400000", "train.clip_norm=1.0"]),
-    "all words + average last 5": ("1.1.0 recipe (all GloVe words), the model ends with the mean of its weights after epochs 6-10 (no epoch selected on dev)", ["train.pretrained_max_words=400000", "train.average_last=5"]),
+    "all words + average last 5": ("1.1.0 recipe (all GloVe words), the model ends with the mean of its weights after the last 5 epochs (6-10 of 10; no epoch selected on dev)", ["train.pretrained_max_words=400000", "train.average_last=5"]),
     "all words + average last 8": ("1.1.0 recipe (all GloVe words), the model ends with the mean of its weights after the last 8 epochs", ["train.pretrained_max_words=400000", "train.average_last=8"]),
     "all words + document context": ("1.1.0 recipe (all GloVe words) with document context (windows of up to 256 tokens, batches of 4 windows)", ["train.pretrained_max_words=400000", "model.context='document'", "train.batch_size=4"]),
     "locked dropout": ("variational (locked) dropout on the inputs and outputs of the recurrence", ["model.locked_dropout=true"]),

@@ -453,23 +453,24 @@ class AverageWeights(Callback):
     def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
         if log.epoch <= trainer.tc.epochs - self.last:
             return
-        with torch.no_grad():
-            for key, value in trainer.model.state_dict().items():
-                if value.is_floating_point():
+        with torch.no_grad():  # trained parameters only: a frozen one (the GloVe table) is its own mean
+            for key, value in trainer.model.named_parameters():
+                if value.requires_grad:
+                    copy = value.detach().to("cpu", torch.float64, copy=True)
                     if key in self.sum:
-                        self.sum[key] += value.detach().double().cpu()
+                        self.sum[key] += copy
                     else:
-                        self.sum[key] = value.detach().double().cpu().clone()
+                        self.sum[key] = copy
         self.count += 1
 
     def on_train_end(self, trainer: Trainer) -> None:
         if not self.count:
             return
-        state = trainer.model.state_dict()
+        parameters = dict(trainer.model.named_parameters())
         with torch.no_grad():
             for key, total in self.sum.items():
-                state[key].copy_((total / self.count).to(state[key].dtype))
-        trainer.selected_epoch = trainer.epoch  # the last epoch's run; metrics.json records average_last
+                parameters[key].copy_((total / self.count).to(parameters[key].dtype))
+        trainer.selected_epoch = trainer.epoch  # the run's last epoch; config.json records average_last
 
 
 class SaveModel(Callback):

@@ -338,7 +338,6 @@ def test_nadam_is_an_optimizer_choice():
         small_config(train__optimizer="nadamm")
 
 
-
 def test_average_last_ends_with_the_mean_of_the_last_epochs_weights(corpus):
     """AverageWeights(2) over 3 epochs: the model ends with the mean of its weights at the ends of
     epochs 2 and 3; dev still scores every epoch and the result is the average's dev score."""
