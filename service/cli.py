@@ -38,8 +38,11 @@ def clear_stale_metrics_dirs(tmp: str | None = None) -> list[Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
+    from service import workers
     from service.config import Settings
     from service.security import ConfigError, check_exposure
 
@@ -57,11 +60,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the name lets a later run tell a dead run's folder from a live one's
         metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    config = {"app": "service.main:create_app", "factory": True, "host": args.host, "port": args.port,
+              "log_level": args.log_level, "access_log": args.access_log, "proxy_headers": True}
     try:
-        uvicorn.run(
-            "service.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-            log_level=args.log_level, access_log=args.access_log, proxy_headers=True,
-        )
+        if args.workers > 1 and not args.shared_socket and workers.available():
+            # a socket per worker: the kernel spreads connections over them (service/workers.py)
+            logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+            try:
+                return workers.Supervisor(config, args.workers).run()
+            except OSError as e:
+                print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+                return 2
+        uvicorn.run(**config, workers=args.workers)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -220,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes; metrics are aggregated across them")
+    serve.add_argument("--shared-socket", action="store_true",
+                       help="with several workers, one listening socket shared by all (uvicorn's way) instead of one per worker (SO_REUSEPORT, Linux)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
     serve.set_defaults(func=cmd_serve)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from ml.predictor import Predictor
 from service import metrics
 from service.batching import BatcherClosed, MicroBatcher, QueueFull
 from service.config import Settings
+from service.db.models import new_ids
 from service.db.repositories import PredictionRecord
 from service.errors import ApiError
 from service.logthrottle import ThrottledLog
@@ -189,7 +189,7 @@ async def tag_texts(
         raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "5"}) from None
     latency_ms = (time.perf_counter() - started) * 1000
 
-    ids = [uuid.uuid4() for _ in texts]
+    ids = new_ids(len(texts))
     entities = [entity_dicts(s.result) for s in served]
     stored = False
     if store:

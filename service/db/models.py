@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 import uuid
 from typing import Any, ClassVar
 
@@ -13,6 +15,26 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def new_ids(n: int) -> list[uuid.UUID]:
+    """``n`` UUIDv7s (RFC 9562): 48 bits of Unix time in milliseconds, then the version, the
+    variant and 74 random bits. Rows stored together get ids that sort together, so their inserts
+    append to the primary-key and document_id B-trees instead of dirtying a random page each
+    (UUIDv4): on SQLite 23 instead of 50 KB written and 0.08 instead of 0.12 ms of CPU per stored
+    prediction (README, Performance). An id reveals when its row was made, which is stored beside
+    it anyway."""
+    stamp = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    noise = os.urandom(10 * n)
+    ids = []
+    for i in range(n):
+        b = noise[10 * i : 10 * i + 10]
+        ids.append(uuid.UUID(bytes=stamp + bytes((0x70 | (b[0] & 0x0F), b[1], 0x80 | (b[2] & 0x3F))) + b[3:]))
+    return ids
+
+
+def new_id() -> uuid.UUID:
+    return new_ids(1)[0]
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -21,7 +43,7 @@ class Document(Base):
     """A text the service tagged or was corrected on; ``text`` is NULL when STORE_TEXT is off."""
 
     __tablename__ = "documents"
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     text_sha256: Mapped[str] = mapped_column(String(64), index=True)
     length: Mapped[int] = mapped_column(Integer)
@@ -30,7 +52,7 @@ class Document(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
     document_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     model_name: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[str] = mapped_column(String(100))

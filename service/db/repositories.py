@@ -14,7 +14,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import Annotation, Document, ModelVersion, Prediction, utcnow
+from service.db.models import Annotation, Document, ModelVersion, Prediction, new_id, new_ids, utcnow
 
 
 def sha256(text: str) -> str:
@@ -37,8 +37,7 @@ def store_predictions(session: Session, *, records: Sequence[PredictionRecord], 
     concurrent requests): this is on the request path of every stored /tag."""
     now = utcnow()
     documents, predictions = [], []
-    for r in records:
-        doc_id = uuid.uuid4()
+    for r, doc_id in zip(records, new_ids(len(records)), strict=True):
         documents.append({"id": doc_id, "text": r.text if store_text else None, "text_sha256": sha256(r.text), "length": len(r.text), "created_at": now})
         predictions.append({
             "id": r.id, "document_id": doc_id, "model_name": r.model_name, "model_version": r.model_version, "entities": r.entities,
@@ -160,7 +159,7 @@ def create_annotation(
         else:
             existing = _document_for_text(session, digest)
             if existing is None:
-                document = Document(id=uuid.uuid4(), text=text, text_sha256=digest, length=len(text))
+                document = Document(id=new_id(), text=text, text_sha256=digest, length=len(text))
                 session.add(document)
                 session.flush()
             else:

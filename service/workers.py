@@ -1,0 +1,153 @@
+"""Several worker processes, each accepting on its own listening socket (``SO_REUSEPORT``).
+
+uvicorn's ``--workers`` shares one listening socket among the workers, and each worker's event loop
+accepts every pending connection when it wakes. A client that opens its keep-alive connections at
+once (a load balancer's upstream pool, a benchmark) then lands most of them on one worker: with 32
+connections and two workers the split was 32/0, 28/4, 31/1 or 22/10 in four runs, and the busy
+worker's one core capped the service at one worker's throughput (README, Performance). With a
+socket per worker bound with ``SO_REUSEPORT``, Linux spreads new connections over the workers by a
+hash of their addresses, whoever is awake. When a worker dies its socket closes and new connections
+go to the others until its replacement binds again.
+
+Linux only (elsewhere SO_REUSEPORT does not balance, and ``ner serve`` uses uvicorn's workers).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+log = logging.getLogger("service.workers")
+
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start (lifespan failure, bad config)
+
+
+def available() -> bool:
+    """Whether the kernel balances connections over sockets bound with SO_REUSEPORT (Linux)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError if ``host:port`` is taken. A socket without SO_REUSEPORT cannot bind beside a
+    listening one with it, so this also finds an earlier ``ner serve`` still holding the port,
+    which would otherwise silently share it with this one."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
+def bind_reuse_port(host: str, port: int) -> socket.socket:
+    """Bound, not yet listening: uvicorn listens once the application has started, and only a
+    listening socket gets connections, so none wait on a worker that is still loading its model."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its supervisor (it would keep serving on the port, unsupervised)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def worker_main(config_kwargs: dict[str, Any], parent: int) -> None:
+    """One worker process: its own socket, then uvicorn's server on it (graceful on SIGTERM)."""
+    import uvicorn
+
+    _die_with_parent(parent)
+    config = uvicorn.Config(**config_kwargs)
+    config.configure_logging()
+    try:
+        sock = bind_reuse_port(config.host, config.port)
+    except OSError as e:
+        log.error("cannot bind %s:%s: %s", config.host, config.port, e)
+        sys.exit(STARTUP_FAILURE)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+class Supervisor:
+    """Starts ``workers`` processes, restarts one that dies (after a pause that doubles while they
+    keep dying young, up to 30 s), stops them all on SIGINT/SIGTERM, and gives up if a worker
+    fails to start its application (exit status 3): that would fail the same way every time."""
+
+    def __init__(self, config_kwargs: dict[str, Any], workers: int, *,
+                 target: Callable[[dict[str, Any], int], None] = worker_main, stop_timeout_s: float = 30.0):
+        self.config_kwargs = config_kwargs
+        self.workers = workers
+        self.target = target
+        self.stop_timeout_s = stop_timeout_s
+        self._context = multiprocessing.get_context("spawn")
+        self._stopping = False
+
+    def _spawn(self) -> tuple[BaseProcess, float]:
+        process = self._context.Process(target=self.target, args=(self.config_kwargs, os.getpid()), daemon=False)
+        process.start()
+        log.info("started worker process [%s]", process.pid)
+        return process, time.monotonic()
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        """Blocks until stopped; 0 after a signal, 1 when a worker could not start its application."""
+        host, port = self.config_kwargs.get("host", "127.0.0.1"), int(self.config_kwargs.get("port", 8000))
+        check_port_free(host, port)
+        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        status = 0
+        slots = [self._spawn() for _ in range(self.workers)]
+        pauses = [0.0] * self.workers
+        restart_at: list[float | None] = [None] * self.workers
+        try:
+            while not self._stopping:
+                time.sleep(0.2)
+                for i, (process, started) in enumerate(slots):
+                    if process.is_alive() or self._stopping:
+                        continue
+                    if process.exitcode == STARTUP_FAILURE:
+                        log.error("worker [%s] could not start the application; stopping", process.pid)
+                        self._stopping, status = True, 1
+                        break
+                    now = time.monotonic()
+                    if restart_at[i] is None:
+                        lived = now - started
+                        pauses[i] = 0.0 if lived > 60 else min(30.0, max(1.0, 2 * pauses[i]))
+                        restart_at[i] = now + pauses[i]
+                        log.warning("worker [%s] exited with status %s after %.0f s; restarting in %.0f s",
+                                    process.pid, process.exitcode, lived, pauses[i])
+                    restart_at_i = restart_at[i]
+                    if restart_at_i is not None and now >= restart_at_i:
+                        slots[i], restart_at[i] = self._spawn(), None
+        finally:
+            for process, _ in slots:
+                if process.is_alive() and process.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout_s
+            for process, _ in slots:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    log.warning("worker [%s] did not stop within %.0f s; killing it", process.pid, self.stop_timeout_s)
+                    process.kill()
+                    process.join()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return status

@@ -1,0 +1,174 @@
+"""`ner serve --workers N`: a listening socket per worker (SO_REUSEPORT), so connections opened at
+once are spread over the workers (uvicorn's shared socket put 32 of 32 on one worker in one of
+four runs, and 28 or 31 in two others); a dead worker is replaced; a worker that cannot start its
+application stops the whole service; SIGTERM stops every worker."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import workers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(not workers.available(), reason="SO_REUSEPORT balancing is Linux-only")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _connections_by_pid(port: int, pids: set[int]) -> dict[int, int]:
+    """Established connections on local ``port`` held by each of ``pids`` (from /proc)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+            inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        n = 0
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                n += 1
+        counts[pid] = n
+    return counts
+
+
+def _open_at_once(port: int, n: int) -> list[socket.socket]:
+    """``n`` keep-alive connections, all connected before any is used; each then answers /healthz."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
+    for c in conns:
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    for c in conns:
+        assert c.recv(4096).startswith(b"HTTP/1.1 200"), "a connection got no answer"
+    return conns
+
+
+def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and server.poll() is None, "ner serve did not become ready"
+        time.sleep(0.3)
+
+
+def _serve(env: dict, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning", *extra],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _env(tmp_path: Path, model: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}", NER_MODEL=str(model), PYTHONPATH=str(ROOT))
+    return env
+
+
+def _spread(port: int, server_pid: int) -> list[int]:
+    conns = _open_at_once(port, 32)
+    try:
+        counts = _connections_by_pid(port, _children(server_pid))
+    finally:
+        for c in conns:
+            c.close()
+    return sorted(n for n in counts.values() if n)
+
+
+@pytest.mark.slow
+def test_connections_are_spread_over_workers_and_a_dead_worker_is_replaced(tmp_path, small_model_dir):
+    env = _env(tmp_path, small_model_dir)
+    assert subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=ROOT, capture_output=True).returncode == 0
+    port = _free_port()
+    server = _serve(env, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, server)
+        time.sleep(3)  # /readyz came from one worker; the other may still be loading
+        # binomial(32, 1/2): each worker below 4 connections has a chance of about 1e-6
+        spread = _spread(port, server.pid)
+        assert len(spread) == 2 and sum(spread) == 32 and spread[0] >= 4, f"connections per worker: {spread}"
+
+        # the port is taken while it serves, by a socket with or without SO_REUSEPORT
+        with pytest.raises(OSError):
+            workers.check_port_free("127.0.0.1", port)
+
+        before = _children(server.pid)
+        victim = max(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not _children(server.pid) - before:
+            assert time.monotonic() < deadline and server.poll() is None, "the dead worker was not replaced"
+            time.sleep(0.3)
+        # the other worker answers meanwhile, and the replacement takes its share once it has started
+        assert httpx.post(base + "/tag", json={"text": "Tom visited Oslo ."}, timeout=30).status_code == 200
+        deadline = time.monotonic() + 60
+        while len(spread := _spread(port, server.pid)) < 2:
+            assert time.monotonic() < deadline, "the replacement worker never accepted a connection"
+            time.sleep(0.5)
+        assert sum(spread) == 32 and spread[0] >= 4, f"connections per worker after the restart: {spread}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    assert server.returncode == 0
+    left = _children(server.pid)
+    assert not left, f"workers outlived the supervisor: {left}"
+
+
+def test_a_worker_that_cannot_start_stops_the_service(tmp_path):
+    env = _env(tmp_path, tmp_path / "no-such-model")
+    port = _free_port()
+    server = _serve(env, port)
+    try:
+        out, _ = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert server.returncode == 1, out[-3000:]
+    assert "could not start the application" in out
+
+
+def test_a_taken_port_is_refused(tmp_path, small_model_dir):
+    env = _env(tmp_path, small_model_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
