@@ -106,7 +106,10 @@ def test_serve_removes_its_metrics_folder_and_stale_ones(monkeypatch, tmp_path):
         seen["dir"] = folder
         raise KeyboardInterrupt  # even an interrupted server cleans up
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    from service import workers
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)  # --shared-socket, or not Linux
+    monkeypatch.setattr(workers.Supervisor, "run", fake_run)  # a socket per worker
     with pytest.raises(KeyboardInterrupt):
         cli.main(["serve", "--workers", "2", "--host", "127.0.0.1"])
     assert seen["dir"].parent == tmp_path and not seen["dir"].exists()
