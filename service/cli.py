@@ -60,6 +60,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the name lets a later run tell a dead run's folder from a live one's
         metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    migrated_here = args.workers > 1 and settings.auto_migrate
+    auto_migrate_env = os.environ.get("AUTO_MIGRATE")
+    if migrated_here:
+        # once, before any worker starts: N workers migrating one fresh database at once raced
+        # (one of them failed on a column the other had just added, and the service stopped)
+        from service.db.session import upgrade
+
+        upgrade(settings.database_url)
+        os.environ["AUTO_MIGRATE"] = "false"  # the workers' Settings read it
     config = {"app": "service.main:create_app", "factory": True, "host": args.host, "port": args.port,
               "log_level": args.log_level, "access_log": args.access_log, "proxy_headers": True}
     try:
@@ -73,6 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return 2
         uvicorn.run(**config, workers=args.workers)
     finally:
+        if migrated_here:
+            if auto_migrate_env is None:
+                os.environ.pop("AUTO_MIGRATE", None)
+            else:
+                os.environ["AUTO_MIGRATE"] = auto_migrate_env
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # wait (README, Configuration): at concurrency 1 that wait was a third to a half of a
         # one-sentence request's time (README, Performance)
         writer_engine = engine if config.predictions_fsync else make_engine(config.database_url, config.db_timeout_s, pool_size=2, fsync=False)
-        writer = prediction_writer(make_sessionmaker(writer_engine), config).start()
+        writer = prediction_writer(writer_engine, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer, writer_engine)
         job_metrics = metrics.TrainingJobsCollector(sessions)
         metrics.add_collector(job_metrics)

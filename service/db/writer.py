@@ -1,20 +1,20 @@
 """The prediction writer: stored /tag results of concurrent requests go to the database in one
-transaction (group commit). It runs in its own thread, so it keeps its own session factory."""
+transaction (group commit). It runs in its own thread, on its own engine (see service.main)."""
 from __future__ import annotations
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine
 
 from service import metrics
 from service.batching import MicroBatcher
 from service.config import Settings
-from service.db import repositories
-from service.db.repositories import PredictionRecord
+from service.db.repositories import PredictionRecord, PredictionStore
 
 
-def prediction_writer(sessions: sessionmaker[Session], settings: Settings) -> MicroBatcher[PredictionRecord, bool]:
+def prediction_writer(engine: Engine, settings: Settings) -> MicroBatcher[PredictionRecord, bool]:
+    store = PredictionStore(engine)
+
     def write(records: list[PredictionRecord]) -> list[bool]:
-        with sessions() as session:
-            repositories.store_predictions(session, records=records, store_text=settings.store_text)
+        store.store(records, store_text=settings.store_text)
         metrics.PREDICTIONS_STORED.inc(len(records))
         return [True] * len(records)
 

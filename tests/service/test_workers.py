@@ -172,3 +172,30 @@ def test_a_taken_port_is_refused(tmp_path, small_model_dir):
         out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_auto_migrate_runs_once_in_the_supervisor_before_the_workers(tmp_path, monkeypatch, small_model_dir):
+    """Two workers each migrating one fresh database raced (one failed on a column the other had
+    just added: 1 start in 4 stopped). The supervisor migrates first; the workers only check."""
+    from service import cli
+    from service.db.session import check_schema, make_engine
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    for name, value in {"DATABASE_URL": url, "AUTO_MIGRATE": "true", "NER_MODEL": str(small_model_dir), "BIND_HOST": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    seen = {}
+
+    def fake_run(self):  # what a worker would find when it starts
+        seen["auto_migrate"] = os.environ.get("AUTO_MIGRATE")
+        engine = make_engine(url)
+        try:
+            check_schema(engine)  # raises SchemaError on an unmigrated database
+        finally:
+            engine.dispose()
+        seen["schema"] = "current"
+        return 0
+
+    monkeypatch.setattr(workers.Supervisor, "run", fake_run)
+    assert cli.main(["serve", "--workers", "2", "--port", str(_free_port())]) == 0
+    assert seen == {"auto_migrate": "false", "schema": "current"}
+    assert os.environ["AUTO_MIGRATE"] == "true"  # restored for whoever called
