@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -19,6 +20,27 @@ def pg_available() -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5432), timeout=1):
         return True
     return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, server: subprocess.Popen, timeout: float = 90) -> None:
+    """Until ``base``/readyz answers 200; fails if ``server`` exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and server.poll() is None, "ner serve did not become ready"
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

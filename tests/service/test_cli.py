@@ -6,13 +6,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+
+from tests.service.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,32 +31,18 @@ def test_db_commands_and_refusal_of_an_unmigrated_database(tmp_path):
     assert out.returncode == 0 and "database revision: None" in out.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_with_two_workers_aggregates_metrics(tmp_path, small_model_dir):
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(DATABASE_URL=f"sqlite:///{tmp_path / 's.db'}", NER_MODEL=str(small_model_dir), PYTHONPATH=str(ROOT))
     assert ner("db", "upgrade", env=env).returncode == 0
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
         cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "ner serve did not become ready"
-            time.sleep(0.3)
+        wait_ready(base, server)
         with httpx.Client(base_url=base, timeout=30) as c:
             for i in range(30):
                 assert c.post("/tag", json={"text": f"Tom visited Oslo . {i}"}, headers={"Connection": "close"}).status_code == 200

@@ -16,16 +16,11 @@ import httpx
 import pytest
 
 from service import workers
+from tests.service.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not workers.available(), reason="SO_REUSEPORT balancing is Linux-only")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> set[int]:
@@ -75,18 +70,6 @@ def _open_at_once(port: int, n: int) -> list[socket.socket]:
     return conns
 
 
-def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and server.poll() is None, "ner serve did not become ready"
-        time.sleep(0.3)
-
-
 def _serve(env: dict, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning", *extra],
@@ -114,11 +97,11 @@ def _spread(port: int, server_pid: int) -> list[int]:
 def test_connections_are_spread_over_workers_and_a_dead_worker_is_replaced(tmp_path, small_model_dir):
     env = _env(tmp_path, small_model_dir)
     assert subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=ROOT, capture_output=True).returncode == 0
-    port = _free_port()
+    port = free_port()
     server = _serve(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base, server)
+        wait_ready(base, server)
         time.sleep(3)  # /readyz came from one worker; the other may still be loading
         # binomial(32, 1/2): each worker below 4 connections has a chance of about 1e-6
         spread = _spread(port, server.pid)
@@ -152,7 +135,7 @@ def test_connections_are_spread_over_workers_and_a_dead_worker_is_replaced(tmp_p
 
 def test_a_worker_that_cannot_start_stops_the_service(tmp_path):
     env = _env(tmp_path, tmp_path / "no-such-model")
-    port = _free_port()
+    port = free_port()
     server = _serve(env, port)
     try:
         out, _ = server.communicate(timeout=120)
@@ -196,6 +179,6 @@ def test_auto_migrate_runs_once_in_the_supervisor_before_the_workers(tmp_path, m
         return 0
 
     monkeypatch.setattr(workers.Supervisor, "run", fake_run)
-    assert cli.main(["serve", "--workers", "2", "--port", str(_free_port())]) == 0
+    assert cli.main(["serve", "--workers", "2", "--port", str(free_port())]) == 0
     assert seen == {"auto_migrate": "false", "schema": "current"}
     assert os.environ["AUTO_MIGRATE"] == "true"  # restored for whoever called
