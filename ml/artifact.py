@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ml.config import MAX_VOCAB, Config
+from ml.device import resolve_device
 from ml.labels import allowed_transitions, split_tag
 from ml.model import Tagger, state_shapes
 from ml.vocab import Vocabularies
@@ -193,6 +194,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: 
     tensor name and shape in weights.safetensors' header equal to what they imply."""
     from safetensors.torch import load_file
 
+    device = resolve_device(device)  # DeviceError before anything is read
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")

@@ -270,11 +270,12 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, expected
     from ml.artifact import ModelLoadError
     from ml.config import ConfigError
     from ml.data import DataFormatError
+    from ml.device import DeviceError
 
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataFormatError, ModelLoadError, FileNotFoundError, *expected) as e:
+    except (ConfigError, DataFormatError, DeviceError, ModelLoadError, FileNotFoundError, *expected) as e:
         return _fail(str(e))
 
 

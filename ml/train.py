@@ -39,6 +39,7 @@ from ml.artifact import ModelMeta, build_model, entity_types, save_model
 from ml.config import Config, TrainConfig
 from ml.data import Example
 from ml.data.tensorize import Batch, tensorize
+from ml.device import resolve_device
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
 from ml.evaluate import Scores
 from ml.labels import spans_to_tags, tag_set
@@ -105,12 +106,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device = {spec!r} but CUDA is not available in this torch build ({torch.__version__})")
-    return device
+    """train.device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (ml.device.resolve_device)."""
+    return resolve_device(spec, local_rank)
 
 
 def data_fingerprint(sentences: Sequence[Example]) -> str:

@@ -47,10 +47,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.security import ConfigError, check_exposure
 
     os.environ["BIND_HOST"] = args.host  # the workers' Settings read it (exposure and host checks)
+    if args.device is not None:
+        os.environ["DEVICE"] = args.device  # likewise
     try:
         settings = Settings()
         check_exposure(args.host, settings.key_ring, settings.allow_no_auth)
-    except (ConfigError, ValueError) as e:
+        if settings.device != "cpu":  # once here, before any worker starts (torch is loaded only then)
+            from ml.device import resolve_device
+
+            resolve_device(settings.device)
+    except (ConfigError, ValueError) as e:  # DeviceError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics_dir = None
@@ -246,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes; metrics are aggregated across them")
     serve.add_argument("--shared-socket", action="store_true",
                        help="with several workers, one listening socket shared by all (uvicorn's way) instead of one per worker (SO_REUSEPORT, Linux)")
+    serve.add_argument("--device", help="where the model runs: cpu (default), cuda or cuda:N; sets DEVICE")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
     serve.set_defaults(func=cmd_serve)

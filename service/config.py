@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,6 +20,7 @@ class Settings(BaseSettings):
     database_url: str = Field("sqlite:///./ner.db", description="SQLAlchemy URL; Postgres as postgresql+psycopg://user:pass@host/db")
     ner_model: Path | None = Field(None, description="model folder to serve first (default: the active version in the database, else the bundled model)")
     auto_migrate: bool = Field(False, description="apply migrations at start-up (meant for the embedded SQLite default)")
+    device: str = Field("cpu", description="where the model runs: cpu, cuda or cuda:N (needs a CUDA build of torch; README, GPU)")
 
     # limits
     max_body_bytes: int = 512 * 1024
@@ -104,6 +106,14 @@ class Settings(BaseSettings):
         for entry in keys:
             parse_key_entry(entry)  # raises naming the problem (unknown role, shorter than 16)
         return keys
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelled(cls, device: str) -> str:
+        # the spelling only: whether CUDA works is checked where torch is loaded (ml.device)
+        if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
+            raise ValueError(f"DEVICE must be cpu, cuda or cuda:N, not {device!r}")
+        return device
 
     @field_validator("admin_key")
     @classmethod

@@ -25,9 +25,9 @@ class ModelRefused(Exception):
     """A model folder that does not load or does not pass the smoke test; the message says why."""
 
 
-def load_model(path: str | Path) -> ServedModel:
+def load_model(path: str | Path, device: str) -> ServedModel:
     try:
-        return ServedModel.load(Path(path))
+        return ServedModel.load(Path(path), device)
     except ModelLoadError as e:
         raise ModelRefused(str(e)) from e
     except Exception as e:  # a folder from outside may fail in any library it reaches: refused with the reason
@@ -53,25 +53,25 @@ def initial_model(settings: Settings, session: Session) -> ServedModel:
     """NER_MODEL if set (and it becomes the active version); else the database's active version;
     else the bundled model."""
     if settings.ner_model is not None:
-        model = ServedModel.load(settings.ner_model)
+        model = ServedModel.load(settings.ner_model, settings.device)
         register(session, model, activate=True)
         return model
     active = repositories.active_model(session)
     if active is not None:
         try:
-            return load_model(active.path)
+            return load_model(active.path, settings.device)
         except ModelRefused as e:
             log.error("the active model %s %s at %s cannot be loaded (%s); serving the bundled model", active.name, active.version, active.path, e)
-            return ServedModel.load(default_model_path())
-    model = ServedModel.load(default_model_path())
+            return ServedModel.load(default_model_path(), settings.device)
+    model = ServedModel.load(default_model_path(), settings.device)
     register(session, model, activate=True)
     return model
 
 
-async def _admit(path: str) -> ServedModel:
+async def _admit(path: str, device: str) -> ServedModel:
     """Load a folder an administrator named; a refusal is an answer (422), not a failure."""
     try:
-        return await asyncio.to_thread(load_model, path)
+        return await asyncio.to_thread(load_model, path, device)
     except ModelRefused as e:
         metrics.MODEL_SWITCHES.labels(result="refused").inc()
         raise ApiError(422, "bad_model", f"model refused, still serving the previous one: {e}") from None
@@ -80,7 +80,7 @@ async def _admit(path: str) -> ServedModel:
 async def add_version(session: Session, engine: TaggingEngine, *, path: str, activate: bool) -> ModelVersion:
     """Load a folder (refused with the reason if it does not load or predict), record it as a
     version, and with ``activate`` serve it from now on (other workers follow within MODEL_POLL_S)."""
-    model = await _admit(path)
+    model = await _admit(path, engine.settings.device)
     row = await asyncio.to_thread(register, session, model, activate)
     if activate:
         engine.switch(model)
@@ -92,7 +92,7 @@ async def activate_version(session: Session, engine: TaggingEngine, *, model_id:
     row = await asyncio.to_thread(repositories.get_model, session, model_id=model_id)
     if row is None:
         raise ApiError(404, "model_not_found", f"no model version with id {model_id}")
-    model = await _admit(row.path)
+    model = await _admit(row.path, engine.settings.device)
     row = await asyncio.to_thread(repositories.activate_model, session, model_id=model_id)
     engine.switch(model)
     return row
@@ -115,7 +115,7 @@ async def follow_active(engine: TaggingEngine, sessions: sessionmaker[Session], 
         if (active.name, active.version) == (served.name, served.version) or key == failed:
             continue
         try:
-            model = await asyncio.to_thread(load_model, active.path)
+            model = await asyncio.to_thread(load_model, active.path, engine.settings.device)
         except ModelRefused as e:
             failed = key
             metrics.MODEL_SWITCHES.labels(result="failed").inc()

@@ -43,9 +43,10 @@ class ServedModel:
     tagger: TextTagger = field(repr=False, compare=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> ServedModel:
-        """Load and smoke-test a model folder; raises ModelLoadError (or another error) if unusable."""
-        predictor = Predictor.load(path)
+    def load(cls, path: str | Path, device: str = "cpu") -> ServedModel:
+        """Load and smoke-test a model folder; raises ModelLoadError, DeviceError (or another error)
+        if unusable. On a CPU the predictor takes the fast path (ml.fast); on a GPU the scripted model."""
+        predictor = Predictor.load(path, device)
         loaded = predictor.loaded
         assert loaded is not None
         tagger = TextTagger(predictor)

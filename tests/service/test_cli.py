@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
+import torch
 
-from tests.service.conftest import free_port, wait_ready
+from tests.service.conftest import free_port, make_settings, running_app, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,3 +89,28 @@ def test_finetune_from_the_database(tmp_path, small_model_dir):
     assert lineage["annotations_from"].startswith("sqlite:///") and lineage["new_labels"] == ["PRODUCT"]
     bad = ner("finetune", "--from-model", str(small_model_dir), "--annotations-from", url, "--version", "1.1.0", "--set", "epochs=many")
     assert bad.returncode == 2 and "epochs" in bad.stderr
+
+
+def test_serve_refuses_a_device_it_cannot_use_before_starting(tmp_path):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'd.db'}"}
+    out = ner("serve", "--device", "gpu", "--port", str(free_port()), env=env, timeout=60)
+    assert out.returncode == 2 and "DEVICE must be cpu, cuda or cuda:N, not 'gpu'" in out.stderr
+    if not torch.cuda.is_available():
+        out = ner("serve", "--device", "cuda", "--workers", "2", "--port", str(free_port()), env=env, timeout=60)
+        assert out.returncode == 2 and out.stderr.startswith("error: device 'cuda': CUDA is not available"), out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_serve_on_cuda_tags_as_on_the_cpu(tmp_path, small_model_dir):
+    """The service with DEVICE=cuda (the scripted model on the GPU) answers what the CPU path answers."""
+    texts = ["Tom visited Oslo .", "Ann met Bob in Paris on Monday .", "Initech hired Ann ."]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        settings = make_settings(f"sqlite:///{tmp_path / f'{device}.db'}", small_model_dir, device=device)
+        with running_app(settings) as client:
+            r = client.post("/tag", json={"texts": texts})
+            assert r.status_code == 200
+            answers[device] = r.json()["results"]
+    for cpu, gpu in zip(answers["cpu"], answers["cuda"], strict=True):
+        assert [(e["start"], e["end"], e["label"]) for e in cpu["entities"]] == [(e["start"], e["end"], e["label"]) for e in gpu["entities"]]
+        assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(cpu["entities"], gpu["entities"], strict=True))
