@@ -4,6 +4,7 @@ loopback, driven by wrk (Debian package `wrk`), with persistence on.
     python benchmarks/load.py                       # SQLite and PostgreSQL, concurrency 1/8/32
     python benchmarks/load.py --db sqlite --seconds 5 --concurrency 32
     python benchmarks/load.py --compare             # beside the spaCy wrapper, 1 and 2 workers each
+    python benchmarks/load.py --compare --rounds 3  # three times in a row, and the median ratio
 
 For each database it starts `ner serve --workers N` on a fresh database (a SQLite file, or a new
 PostgreSQL database on 127.0.0.1:5432), warms it up, runs wrk per (text kind, concurrency), and
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,54 +120,73 @@ def _workers(row: dict) -> str:
 
 
 def compare(args, tmp: Path, body: Path) -> int:
-    """This service (SQLite, storage on) beside the spaCy wrapper, best of 1 and 2 workers each."""
+    """This service (SQLite, storage on) beside the spaCy wrapper, best of 1 and 2 workers each;
+    with ``--rounds N`` the whole comparison N times in a row, and the median of the rounds' ratios
+    (runs minutes apart move each side by up to ±10 %, so one round's ratio is noisy)."""
     concurrency = args.concurrency if args.concurrency_given else [1, 32]
     base = f"http://127.0.0.1:{args.port}"
+    sides = ("this service", "spaCy wrapper")
     rows = []
-    for side in ("this service", "spaCy wrapper"):
-        for workers in args.workers_list:
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            if side == "this service":
-                env["DATABASE_URL"] = f"sqlite:///{tmp / f'compare-{workers}.db'}"
-                if args.model:
-                    env["NER_MODEL"] = args.model
-                subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, cwd=ROOT, capture_output=True)
-                cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port), "--workers", str(workers), "--log-level", "warning"]
-            else:
-                cmd = [sys.executable, "-m", "uvicorn", "benchmarks.spacy_service:create_app", "--factory", "--port", str(args.port),
-                       "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
-            server = start_server(cmd, env, base)
-            try:
-                if workers > 1:
-                    time.sleep(5)  # /readyz answered from one worker; let the others finish loading too
-                run_wrk(base, str(body), 8, 3)  # warm-up
-                for c in concurrency:
-                    cpu = group_cpu_seconds(server.pid)
-                    r = run_wrk(base, str(body), c, args.seconds)
-                    r["cpu_ms"] = 1000 * (group_cpu_seconds(server.pid) - cpu) / max(1, r["requests"])
-                    rows.append({"side": side, "workers": workers, "concurrency": c, **r})
-                    print(f"{side:14s} workers={workers} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                          f"CPU {r['cpu_ms']:.2f} ms/request  non-2xx {r['non2xx']}", file=sys.stderr)
-            finally:
-                stop_server(server)
+    for rnd in range(1, args.rounds + 1):
+        for side in sides:
+            for workers in args.workers_list:
+                rows.extend(_compare_server(args, tmp, body, base, side, workers, concurrency, rnd))
 
     print(f"\nPOST /tag, one sentence ({len(SENTENCE.split())} words), wrk -t1, {args.seconds} s per row; this service on SQLite with "
           "persistence on, the spaCy wrapper stores nothing\n")
-    print("| service | workers | concurrency | requests/s | p50 ms | p95 ms | p99 ms | server CPU ms per request | non-2xx |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| round | service | workers | concurrency | requests/s | p50 ms | p95 ms | p99 ms | server CPU ms per request | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['side']} | {r['workers']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} "
+        print(f"| {r['round']} | {r['side']} | {r['workers']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} "
               f"| {r['cpu_ms']:.2f} | {r['non2xx']} |")
-    print("\n| concurrency | this service, best | spaCy wrapper, best | ratio (requests/s) |")
-    print("|---|---|---|---|")
-    for c in concurrency:
-        best = {side: max((r for r in rows if r["side"] == side and r["concurrency"] == c), key=lambda r: r["rps"]) for side in ("this service", "spaCy wrapper")}
-        ours, peer = best["this service"], best["spaCy wrapper"]
-        print(f"| {c} | {ours['rps']:.0f}/s, p50 {ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms ({_workers(ours)}) "
-              f"| {peer['rps']:.0f}/s, p50 {peer['p50_ms']:.1f} ms, p99 {peer['p99_ms']:.1f} ms ({_workers(peer)}) | {ours['rps'] / peer['rps']:.2f}x |")
+    print("\n| round | concurrency | this service, best | spaCy wrapper, best | ratio (requests/s) |")
+    print("|---|---|---|---|---|")
+    ratios: dict[int, list[float]] = {c: [] for c in concurrency}
+    for rnd in range(1, args.rounds + 1):
+        for c in concurrency:
+            best = {side: max((r for r in rows if r["round"] == rnd and r["side"] == side and r["concurrency"] == c), key=lambda r: r["rps"]) for side in sides}
+            ours, peer = best["this service"], best["spaCy wrapper"]
+            ratios[c].append(ours["rps"] / peer["rps"])
+            print(f"| {rnd} | {c} | {ours['rps']:.0f}/s, p50 {ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms ({_workers(ours)}) "
+                  f"| {peer['rps']:.0f}/s, p50 {peer['p50_ms']:.1f} ms, p99 {peer['p99_ms']:.1f} ms ({_workers(peer)}) | {ratios[c][-1]:.2f}x |")
+    if args.rounds > 1:
+        print("\n| concurrency | ratio per round | median ratio |")
+        print("|---|---|---|")
+        for c in concurrency:
+            print(f"| {c} | {', '.join(f'{x:.2f}x' for x in ratios[c])} | {statistics.median(ratios[c]):.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _compare_server(args, tmp: Path, body: Path, base: str, side: str, workers: int, concurrency: list[int], rnd: int) -> list[dict]:
+    """Start one side with ``workers`` processes, warm it up, one wrk row per concurrency."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if side == "this service":
+        env["DATABASE_URL"] = f"sqlite:///{tmp / f'compare-{workers}-{rnd}.db'}"
+        if args.model:
+            env["NER_MODEL"] = args.model
+        subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, cwd=ROOT, capture_output=True)
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port), "--workers", str(workers), "--log-level", "warning"]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", "benchmarks.spacy_service:create_app", "--factory", "--port", str(args.port),
+               "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    rows = []
+    server = start_server(cmd, env, base)
+    try:
+        if workers > 1:
+            time.sleep(5)  # /readyz answered from one worker; let the others finish loading too
+        run_wrk(base, str(body), 8, 3)  # warm-up
+        for c in concurrency:
+            cpu = group_cpu_seconds(server.pid)
+            r = run_wrk(base, str(body), c, args.seconds)
+            r["cpu_ms"] = 1000 * (group_cpu_seconds(server.pid) - cpu) / max(1, r["requests"])
+            rows.append({"round": rnd, "side": side, "workers": workers, "concurrency": c, **r})
+            print(f"round {rnd} {side:14s} workers={workers} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                  f"CPU {r['cpu_ms']:.2f} ms/request  non-2xx {r['non2xx']}", file=sys.stderr)
+    finally:
+        stop_server(server)
+    return rows
 
 
 def main() -> int:
@@ -180,6 +201,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--compare", action="store_true", help="this service (SQLite) beside benchmarks/spacy_service.py, one sentence")
     p.add_argument("--workers-list", type=int, nargs="+", default=[1, 2], help="with --compare: worker counts tried on each side")
+    p.add_argument("--rounds", type=int, default=1, help="with --compare: the whole comparison this many times in a row, and the median ratio")
     args = p.parse_args()
     args.concurrency_given = args.concurrency is not None
     if args.concurrency is None:
