@@ -128,6 +128,11 @@ class TrainConfig:
     # > 0: the model ends with the mean of its weights at the ends of the last N epochs (no dev
     # selection of an epoch; with dev data, every epoch and the average are still scored on dev)
     average_last: int = 0
+    # casing augmentation (ml.data.augment): each epoch, each training sequence is shown lower-cased,
+    # upper-cased or title-cased with these probabilities (else as it is); their sum is at most 1
+    case_lower: float = 0.0
+    case_upper: float = 0.0
+    case_title: float = 0.0
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -137,6 +142,11 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         for name in ("momentum", "weight_decay", "lr_decay", "clip_norm", "patience", "max_train_sentences", "threads", "average_last"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        for name in ("case_lower", "case_upper", "case_title"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.case_lower + self.case_upper + self.case_title > 1.0 + 1e-9:
+            raise ConfigError("train.case_lower + train.case_upper + train.case_title must be at most 1")
         if self.average_last > self.epochs:
             raise ConfigError(f"train.average_last={self.average_last} averages more epochs than train.epochs={self.epochs}")
         return self

@@ -38,6 +38,7 @@ from ml import word_tuning
 from ml.artifact import ModelMeta, build_model, entity_types, save_model
 from ml.config import Config, TrainConfig
 from ml.data import Example
+from ml.data.augment import CaseAugmenter
 from ml.data.tensorize import Batch, tensorize
 from ml.device import resolve_device
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
@@ -271,6 +272,8 @@ class Trainer:
         tag_lists = [spans_to_tags(s.spans, len(s.tokens), self.mc.tag_scheme) for s in train_data]
         lm_size = min(self.mc.lm_vocab, len(self.vocab.words)) if self.mc.lm_weight else 0
         rng = random.Random(self.tc.seed)
+        # its own generator, so turning augmentation on leaves the batch order unchanged
+        recase = CaseAugmenter(self.tc.case_lower, self.tc.case_upper, self.tc.case_title, seed=self.tc.seed + 1)
         self._call("on_train_start")
         for epoch in range(1, self.tc.epochs + 1):
             self.epoch = epoch
@@ -285,7 +288,7 @@ class Trainer:
             total_loss, total_tokens, n_seq = 0.0, 0, 0
             for indices in batches:
                 batch: Batch = tensorize(
-                    [list(train_data[i].tokens) for i in indices], self.vocab, self.mc.max_word_length, [tag_lists[i] for i in indices], lm_size
+                    [recase(train_data[i].tokens) for i in indices], self.vocab, self.mc.max_word_length, [tag_lists[i] for i in indices], lm_size
                 ).to(self.device)
                 value = self._step(batch)
                 tokens = int(batch.mask.sum())

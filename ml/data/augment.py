@@ -1,0 +1,61 @@
+"""Training-time casing augmentation: text as people type it is not always cased like newswire.
+
+Each epoch, each training sequence is shown as it is or recased as a whole (every token
+lower-cased, upper-cased or title-cased) with the probabilities of ``train.case_lower``,
+``train.case_upper`` and ``train.case_title``. The word vocabulary is keyed on lower-cased words
+(``ml.vocab.word_key``), so recasing changes what the character encoder and the casing feature see,
+never which word vector a token gets: the model learns not to lean on casing alone (Mayhew et al.
+2019 train on cased + lower-cased text; here one model sees every variant in proportions set in
+the config, without doubling the epoch)."""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+CASINGS = ("as_is", "lower", "upper", "title")
+
+
+def title_token(token: str) -> str:
+    """First character upper-cased, the rest lower-cased (``"mcDONALD" -> "Mcdonald"``, ``"o'neil" -> "O'neil"``)."""
+    return token[:1].upper() + token[1:].lower()
+
+
+def recase(tokens: Sequence[str], casing: str) -> list[str]:
+    """The tokens in one casing: ``as_is``, ``lower``, ``upper`` or ``title`` (each token title-cased)."""
+    if casing == "as_is":
+        return list(tokens)
+    if casing == "lower":
+        return [t.lower() for t in tokens]
+    if casing == "upper":
+        return [t.upper() for t in tokens]
+    if casing == "title":
+        return [title_token(t) for t in tokens]
+    raise ValueError(f"unknown casing {casing!r}; expected one of {', '.join(CASINGS)}")
+
+
+class CaseAugmenter:
+    """Draws one casing per sequence: lower / upper / title with the given probabilities, else as is.
+    Seeded, so a training run is repeatable."""
+
+    def __init__(self, lower: float = 0.0, upper: float = 0.0, title: float = 0.0, seed: int = 0):
+        for name, p in (("lower", lower), ("upper", upper), ("title", title)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"casing probability {name} must lie in [0, 1], got {p}")
+        if lower + upper + title > 1.0 + 1e-9:
+            raise ValueError(f"casing probabilities add up to {lower + upper + title:.3f}, more than 1")
+        self.bounds = (lower, lower + upper, lower + upper + title)
+        self.rng = random.Random(seed)
+
+    @property
+    def active(self) -> bool:
+        return self.bounds[2] > 0.0
+
+    def draw(self) -> str:
+        r = self.rng.random()
+        for casing, bound in zip(CASINGS[1:], self.bounds, strict=True):
+            if r < bound:
+                return casing
+        return "as_is"
+
+    def __call__(self, tokens: Sequence[str]) -> list[str]:
+        return recase(tokens, self.draw()) if self.active else list(tokens)

@@ -1,0 +1,77 @@
+"""Casing augmentation: the recasing itself, the drawn proportions, the config's checks, and that the
+training loop really feeds the recased tokens to the network (gold spans unchanged)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+import ml.train
+from ml.config import ConfigError
+from ml.data.augment import CaseAugmenter, recase, title_token
+from ml.train import train
+from ml.vocab import word_key
+from tests.conftest import small_config
+from tests.synthetic import synthetic_corpus
+
+
+def test_recase_each_variant():
+    tokens = ["Angela", "MERKEL", "visited", "McDonald's", "in", "São", "Paulo", "3x", "."]
+    assert recase(tokens, "as_is") == tokens and recase(tokens, "as_is") is not tokens
+    assert recase(tokens, "lower") == ["angela", "merkel", "visited", "mcdonald's", "in", "são", "paulo", "3x", "."]
+    assert recase(tokens, "upper") == ["ANGELA", "MERKEL", "VISITED", "MCDONALD'S", "IN", "SÃO", "PAULO", "3X", "."]
+    assert recase(tokens, "title") == ["Angela", "Merkel", "Visited", "Mcdonald's", "In", "São", "Paulo", "3x", "."]
+    assert title_token("") == ""
+    # the word vector a token gets never depends on the casing drawn
+    for variant in ("lower", "upper", "title"):
+        assert [word_key(t) for t in recase(tokens, variant)] == [word_key(t) for t in tokens]
+    with pytest.raises(ValueError, match="unknown casing 'camel'"):
+        recase(tokens, "camel")
+
+
+def test_augmenter_draws_the_configured_proportions_and_is_seeded():
+    augmenter = CaseAugmenter(0.3, 0.2, 0.1, seed=7)
+    draws = Counter(augmenter.draw() for _ in range(20000))
+    assert abs(draws["lower"] / 20000 - 0.3) < 0.02
+    assert abs(draws["upper"] / 20000 - 0.2) < 0.02
+    assert abs(draws["title"] / 20000 - 0.1) < 0.02
+    assert abs(draws["as_is"] / 20000 - 0.4) < 0.02
+    a, b = CaseAugmenter(0.3, 0.2, 0.1, seed=7), CaseAugmenter(0.3, 0.2, 0.1, seed=7)
+    assert [a.draw() for _ in range(50)] == [b.draw() for _ in range(50)]
+    off = CaseAugmenter()
+    assert not off.active and off(["Tom", "Berg"]) == ["Tom", "Berg"]
+
+
+@pytest.mark.parametrize(("lower", "upper", "title", "message"), [(-0.1, 0, 0, "lower"), (0, 1.5, 0, "upper"), (0.5, 0.4, 0.2, r"add up to 1\.100")])
+def test_augmenter_refuses_bad_probabilities(lower, upper, title, message):
+    with pytest.raises(ValueError, match=message):
+        CaseAugmenter(lower, upper, title)
+
+
+def test_config_checks_the_casing_keys():
+    assert small_config(train__case_lower=0.5, train__case_upper=0.3, train__case_title=0.2).train.case_title == 0.2
+    with pytest.raises(ConfigError, match=r"train\.case_upper must lie in"):
+        small_config(train__case_upper=1.2)
+    with pytest.raises(ConfigError, match="at most 1"):
+        small_config(train__case_lower=0.6, train__case_upper=0.6)
+
+
+def test_training_feeds_recased_tokens(monkeypatch):
+    seen: list[list[str]] = []
+    real = ml.train.tensorize
+
+    def recording(token_lists, *args, **kwargs):
+        seen.extend(list(t) for t in token_lists)
+        return real(token_lists, *args, **kwargs)
+
+    monkeypatch.setattr(ml.train, "tensorize", recording)
+    corpus = synthetic_corpus(30, seed=3)
+    config = small_config(train__epochs=2, train__case_upper=0.5, train__case_lower=0.5)
+    train(config, corpus, None, None, progress=False, log=lambda m: None)
+    assert len(seen) == 2 * len(corpus)
+    lowered = sum(all(t == t.lower() for t in toks) for toks in seen)
+    raised = sum(all(t == t.upper() for t in toks) for toks in seen)
+    assert lowered + raised == len(seen)  # every sequence recased, none left as is
+    assert 0.3 * len(seen) < lowered < 0.7 * len(seen)
+    originals = {tuple(word_key(t) for t in s.tokens) for s in corpus}
+    assert all(tuple(word_key(t) for t in toks) in originals for toks in seen)
