@@ -1,4 +1,4 @@
-"""The tagger's commands: train, evaluate, predict, export. ``python -m ml`` runs them with torch
+"""The tagger's commands: train, evaluate, predict, export, bulk. ``python -m ml`` runs them with torch
 alone; the ``ner`` command (``service.cli``) adds serve and db to the same parser."""
 from __future__ import annotations
 
@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=DEFAULT_MODEL_HELP)
     p.add_argument("--out", required=True, help="archive to write (.pt)")
     p.set_defaults(func=cmd_export)
+
+    from ml.bulk.command import add_bulk_parser
+
+    add_bulk_parser(sub, DEFAULT_MODEL_HELP)
     return parser
 
 

@@ -63,3 +63,13 @@ class TextTagger:
                 tokens.extend(TokenTag(tok.text, tok.start, tok.end, tag, score) for tok, tag, score in zip(sent, iob, pred.scores, strict=True))
             results.append(TextResult(entities, tokens, len(sents)))
         return results
+
+
+def entity_dicts(result: TextResult) -> list[dict]:
+    """The entities of a result as the service answers and ``ner bulk`` writes them (scores to 6 places)."""
+    return [{"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6)} for e in result.entities]
+
+
+def min_token_score(result: TextResult) -> float:
+    """The lowest token score of a result (1.0 without tokens): the annotation queue's confidence."""
+    return min((t.score for t in result.tokens), default=1.0)

@@ -1,0 +1,74 @@
+"""``ner bulk``: its arguments and its command (``ml.cli`` adds the subcommand; ``service.cli`` adds
+``--store``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from ml.bulk.output import OUTPUT_FORMATS
+from ml.bulk.sources import DEFAULT_SHARD_SIZE, FORMATS
+
+if TYPE_CHECKING:
+    from ml.bulk.job import BulkJob
+
+
+def add_bulk_parser(sub: argparse._SubParsersAction, model_help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser("bulk", help="tag a corpus (text, JSONL, Parquet) into Parquet/JSONL files, on all cores or on a Ray cluster",
+                       description="Tag every document of the inputs; resumable: run the same command again to finish an interrupted job.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (searched recursively) or globs ('data/**/*.jsonl')")
+    p.add_argument("--out", required=True, help="output folder: part-NNNNN.parquet|jsonl, _rejects/, _job.json, _summary.json")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input format (default: from each file's suffix; other suffixes are text)")
+    p.add_argument("--output-format", default="parquet", choices=OUTPUT_FORMATS)
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--id-field", default="id", help="JSONL field / Parquet column holding the id (default when absent: SOURCE:LINE)")
+    p.add_argument("--max-chars", type=int, default=100_000, help="longer texts are rejected (the service's MAX_TEXT_CHARS default)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="local: processes on this machine; ray: Ray Data (pip install .[ray])")
+    p.add_argument("--workers", type=int, help="worker processes / Ray actors (default: local, one per core; ray, the cluster's CPUs)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray is started)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="lines of a text/JSONL file per shard (Parquet: whole row groups)")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per call of the tagger")
+    p.add_argument("--strict", action="store_true", help="stop at the first record that cannot be tagged instead of writing it to the rejects")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--log-interval", type=float, default=30.0, metavar="SECONDS", help="seconds between progress lines when stderr is not a terminal")
+    p.set_defaults(func=cmd_bulk)
+    return p
+
+
+def job_from_args(args: argparse.Namespace, model: str) -> BulkJob:
+    from ml.bulk.job import BulkJob
+    from ml.bulk.sources import BulkInputError, ReadOptions
+
+    for name in ("max_chars", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise BulkInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    options = ReadOptions(args.text_field, args.id_field, args.max_chars)
+    return BulkJob(tuple(args.inputs), args.out, model, args.format, args.output_format, options, args.shard_size, args.batch_size, args.strict)
+
+
+def run_bulk(args: argparse.Namespace) -> dict:
+    """The job of ``args``; errors the user can fix come out as ValueError/RuntimeError subclasses."""
+    from ml.artifact import default_model_path
+    from ml.bulk.driver import run_job
+
+    model = args.model or os.environ.get("NER_MODEL") or str(default_model_path())
+    job = job_from_args(args, model)
+    return run_job(job, engine=args.engine, workers=args.workers, ray_address=args.ray_address, progress=not args.quiet,
+                   log_interval_s=args.log_interval)
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    from ml.bulk.job import BulkError
+    from ml.bulk.output import OutputError
+    from ml.bulk.sources import BulkInputError, RejectedRecord
+
+    try:
+        summary = run_bulk(args)
+    except (BulkInputError, OutputError, RejectedRecord, BulkError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0

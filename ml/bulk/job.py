@@ -1,0 +1,134 @@
+"""One bulk job, whatever runs it: its settings (``BulkJob``), the shard plan checked against the output
+folder, and ``ShardWorker``, which turns one shard into its output file with the loaded model.
+
+Texts go through ``ml.pipeline.TextTagger``, the service's tagger: the same spaCy tokenizer, the same
+predictor, the same entity rounding (``entity_dicts``), so a document gets the offsets, labels and
+scores that ``POST /tag`` answers for its text."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ml.bulk.output import OutputFolder
+from ml.bulk.sources import DEFAULT_SHARD_SIZE, Document, ReadOptions, RejectedRecord, ShardSpec, expand_inputs, plan_shards, read_shard
+from ml.pipeline import TextTagger, entity_dicts, min_token_score
+
+
+class BulkError(RuntimeError):
+    """A job that could not finish (a worker died, the cluster failed); what was written is kept."""
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    inputs: tuple[str, ...]
+    out: str
+    model: str  # model folder
+    input_format: str = "auto"
+    output_format: str = "parquet"
+    options: ReadOptions = field(default_factory=ReadOptions)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    batch_size: int = 64  # texts per call of the tagger (the service's BATCH_MAX_TEXTS default)
+    strict: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BulkJob:
+        values = dict(data)
+        values["inputs"] = tuple(values["inputs"])
+        values["options"] = ReadOptions(**values["options"])
+        return cls(**values)
+
+    def plan(self) -> list[ShardSpec]:
+        return list(plan_shards(expand_inputs(self.inputs, self.input_format), self.shard_size, self.options))
+
+    def manifest(self, model: dict, shards: list[ShardSpec]) -> dict:
+        """What makes two runs the same job (the output of one can be completed by the other)."""
+        return {
+            "format": 1, "inputs": list(self.inputs), "input_format": self.input_format, "output_format": self.output_format,
+            "options": asdict(self.options), "shard_size": self.shard_size, "model": model,
+            "shards": [{k: v for k, v in s.to_dict().items() if k != "path"} for s in shards],
+        }
+
+
+def model_identity(folder: str | Path) -> dict:
+    """``{"name", "version"}`` from a model folder's meta.json, without loading its weights."""
+    from ml.artifact import ModelLoadError
+
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return {"name": str(meta["name"]), "version": str(meta["version"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{folder} is not a readable model folder ({path}: {e})") from None
+
+
+@dataclass
+class ShardResult:
+    index: int
+    documents: int
+    rejects: int
+    tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# (documents, tokens) tagged since the last call: progress within a shard
+BatchCallback = Callable[[int, int], None]
+
+
+class ShardWorker:
+    """The loaded model and the job's output folder: ``run(spec)`` reads, checks, tags and writes a shard."""
+
+    def __init__(self, job: BulkJob, tagger: TextTagger, model: dict):
+        self.job = job
+        self.tagger = tagger
+        self.model = model
+        self.out = OutputFolder(job.out, job.output_format)
+
+    @classmethod
+    def load(cls, job: BulkJob) -> ShardWorker:
+        """Load the model (on the CPU: the fast path, as the service) and the tokenizer, and tag one
+        text, so that a broken model fails here and every lazily built table exists before a fork."""
+        from ml.predictor import Predictor
+
+        predictor = Predictor.load(job.model, "cpu")
+        assert predictor.loaded is not None
+        tagger = TextTagger(predictor)
+        tagger.tag(["Smoke test, please ignore."])
+        meta = predictor.loaded.meta
+        return cls(job, tagger, {"name": meta.name, "version": meta.version})
+
+    def rows(self, docs: list[Document], on_batch: BatchCallback | None = None) -> tuple[list[dict], int]:
+        """Output rows of ``docs`` in order, and the number of tokens tagged."""
+        rows: list[dict] = []
+        tokens = 0
+        size = self.job.batch_size
+        name, version = self.model["name"], self.model["version"]
+        for lo in range(0, len(docs), size):
+            batch = docs[lo : lo + size]
+            results = self.tagger.tag([d.text for d in batch], size)
+            count = 0
+            for doc, result in zip(batch, results, strict=True):
+                rows.append({"id": doc.id, "entities": entity_dicts(result), "min_score": min_token_score(result),
+                             "model_name": name, "model_version": version})
+                count += len(result.tokens)
+            tokens += count
+            if on_batch is not None:
+                on_batch(len(batch), count)
+        return rows, tokens
+
+    def run(self, spec: ShardSpec, on_batch: BatchCallback | None = None) -> ShardResult:
+        started = time.perf_counter()
+        docs, rejects = read_shard(spec, self.job.options)
+        if self.job.strict and rejects:
+            raise RejectedRecord(rejects[0])
+        rows, tokens = self.rows(docs, on_batch)
+        self.out.write_shard(spec, rows, rejects)
+        return ShardResult(spec.index, len(docs), len(rejects), tokens, time.perf_counter() - started)
