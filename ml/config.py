@@ -133,6 +133,7 @@ class TrainConfig:
     case_lower: float = 0.0
     case_upper: float = 0.0
     case_title: float = 0.0
+    word_dropout: float = 0.0  # probability that a training token's word id is replaced by <unk> (ml.data.augment.drop_words)
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -145,6 +146,8 @@ class TrainConfig:
         for name in ("case_lower", "case_upper", "case_title"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ConfigError(f"train.word_dropout must lie in [0, 1), got {self.word_dropout}")
         if self.case_lower + self.case_upper + self.case_title > 1.0 + 1e-9:
             raise ConfigError("train.case_lower + train.case_upper + train.case_title must be at most 1")
         if self.average_last > self.epochs:
@@ -169,8 +172,8 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
         data = dict(data)
-        model = _build(ModelConfig, data.pop("model", {}), f"{source} [model]")
-        train = _build(TrainConfig, data.pop("train", {}), f"{source} [train]")
+        model = build_dataclass(ModelConfig, data.pop("model", {}), f"{source} [model]")
+        train = build_dataclass(TrainConfig, data.pop("train", {}), f"{source} [train]")
         language = data.pop("language", "en")
         if data:
             raise ConfigError(f"{source}: unknown top-level keys {sorted(data)}")
@@ -204,7 +207,8 @@ class Config:
         return Config.from_dict(data, "--set")
 
 
-def _build(kind, values: dict[str, Any], source: str):
+def build_dataclass(kind, values: dict[str, Any], source: str):
+    """An instance of the dataclass ``kind`` from ``values``: unknown keys and wrong types are ConfigErrors."""
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - set(names))
     if unknown:

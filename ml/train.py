@@ -38,7 +38,7 @@ from ml import word_tuning
 from ml.artifact import ModelMeta, build_model, entity_types, save_model
 from ml.config import Config, TrainConfig
 from ml.data import Example
-from ml.data.augment import CaseAugmenter
+from ml.data.augment import CaseAugmenter, drop_words
 from ml.data.tensorize import Batch, tensorize
 from ml.device import resolve_device
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
@@ -249,6 +249,8 @@ class Trainer:
         self.selected_epoch = 0  # the epoch whose weights the model ends with (a callback may restore an earlier one)
         self.should_stop = False
         self.started = 0.0
+        self.recase = CaseAugmenter()
+        self.unk_draws = torch.Generator()
 
     @property
     def is_main(self) -> bool:
@@ -272,8 +274,9 @@ class Trainer:
         tag_lists = [spans_to_tags(s.spans, len(s.tokens), self.mc.tag_scheme) for s in train_data]
         lm_size = min(self.mc.lm_vocab, len(self.vocab.words)) if self.mc.lm_weight else 0
         rng = random.Random(self.tc.seed)
-        # its own generator, so turning augmentation on leaves the batch order unchanged
-        recase = CaseAugmenter(self.tc.case_lower, self.tc.case_upper, self.tc.case_title, seed=self.tc.seed + 1)
+        # their own generators, so turning augmentation on leaves the batch order unchanged
+        self.recase = CaseAugmenter(self.tc.case_lower, self.tc.case_upper, self.tc.case_title, seed=self.tc.seed + 1)
+        self.unk_draws = torch.Generator().manual_seed(self.tc.seed + 2)
         self._call("on_train_start")
         for epoch in range(1, self.tc.epochs + 1):
             self.epoch = epoch
@@ -287,9 +290,7 @@ class Trainer:
             self._call("on_epoch_start", epoch)
             total_loss, total_tokens, n_seq = 0.0, 0, 0
             for indices in batches:
-                batch: Batch = tensorize(
-                    [recase(train_data[i].tokens) for i in indices], self.vocab, self.mc.max_word_length, [tag_lists[i] for i in indices], lm_size
-                ).to(self.device)
+                batch = self._batch([train_data[i].tokens for i in indices], [tag_lists[i] for i in indices], lm_size)
                 value = self._step(batch)
                 tokens = int(batch.mask.sum())
                 total_loss += value * len(indices)
@@ -314,6 +315,13 @@ class Trainer:
         result.seconds = time.perf_counter() - self.started
         self._call("on_result", result)
         return result
+
+    def _batch(self, token_lists: Sequence[Sequence[str]], tag_lists: list[list[str]], lm_size: int) -> Batch:
+        """One training batch on the device, with the casing augmentation and word dropout of train.*."""
+        batch = tensorize([self.recase(tokens) for tokens in token_lists], self.vocab, self.mc.max_word_length, tag_lists, lm_size)
+        if self.tc.word_dropout:
+            batch.words = drop_words(batch.words, batch.mask, self.tc.word_dropout, self.unk_draws)
+        return batch.to(self.device)
 
     def _step(self, batch: Batch) -> float:
         loss = self.objective(*batch.inputs, batch.tags, batch.lm_targets)

@@ -12,6 +12,11 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import torch
+from torch import Tensor
+
+from ml.vocab import UNK_ID
+
 CASINGS = ("as_is", "lower", "upper", "title")
 
 
@@ -59,3 +64,13 @@ class CaseAugmenter:
 
     def __call__(self, tokens: Sequence[str]) -> list[str]:
         return recase(tokens, self.draw()) if self.active else list(tokens)
+
+
+def drop_words(words: Tensor, mask: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Word dropout: each real token's word id becomes ``<unk>`` with probability ``p``, so the tagger
+    also learns to tag from the characters, the casing and the context, as it must for a name it has no
+    vector for (Lample et al. 2016). A new tensor; padding stays padding."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"word dropout must lie in [0, 1), got {p}")
+    drop = (torch.rand(words.shape, generator=generator) < p) & mask
+    return words.masked_fill(drop, UNK_ID)

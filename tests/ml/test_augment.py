@@ -75,3 +75,24 @@ def test_training_feeds_recased_tokens(monkeypatch):
     assert 0.3 * len(seen) < lowered < 0.7 * len(seen)
     originals = {tuple(word_key(t) for t in s.tokens) for s in corpus}
     assert all(tuple(word_key(t) for t in toks) in originals for toks in seen)
+
+
+def test_word_dropout_replaces_only_real_tokens_at_the_rate():
+    import torch
+
+    from ml.data.augment import drop_words
+    from ml.vocab import PAD_ID, UNK_ID
+
+    words = torch.full((200, 50), 7)
+    mask = torch.ones(200, 50, dtype=torch.bool)
+    mask[:, 40:] = False
+    words[~mask] = PAD_ID
+    out = drop_words(words, mask, 0.1, torch.Generator().manual_seed(0))
+    dropped = (out == UNK_ID) & mask
+    assert abs(dropped.sum().item() / mask.sum().item() - 0.1) < 0.01
+    assert (out[~mask] == PAD_ID).all() and (words == 7).sum() == mask.sum()  # the input is left alone
+    assert torch.equal(drop_words(words, mask, 0.0, torch.Generator()), words)
+    with pytest.raises(ValueError, match="word dropout"):
+        drop_words(words, mask, 1.0, torch.Generator())
+    with pytest.raises(ConfigError, match="word_dropout"):
+        small_config(train__word_dropout=-0.5)
