@@ -217,3 +217,51 @@ def test_phrase_tokenizer_fast_path_agrees_on_random_chunks(tokenize):
     chunks = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(3000)}
     for chunk in chunks:
         assert list(tokenize(chunk)) == words(chunk), chunk
+
+
+def model_result(text: str, model: list[tuple[int, int, str, float]]):
+    """A TextResult as TextTagger builds it, for model entities given as token spans."""
+    from ml.labels import Span, spans_to_tags
+    from ml.pipeline import Entity, TextResult, TokenTag
+
+    tokens = get_tokenizer("en").tokenize(text)
+    tags = spans_to_tags([Span(s, e, label) for s, e, label, _ in model], len(tokens), "iob2")
+    entities = [Entity(tokens[s].start, tokens[e - 1].end, label, text[tokens[s].start : tokens[e - 1].end], score) for s, e, label, score in model]
+    return TextResult(entities, [TokenTag(t.text, t.start, t.end, tag, 0.7) for t, tag in zip(tokens, tags, strict=True)], 1)
+
+
+@pytest.mark.parametrize("mode", ["override", "fill"])
+def test_apply_rules_keeps_character_offsets_in_unicode_text(tokenize, mode):
+    from ml.pipeline import apply_rules, entity_dicts
+
+    text = "🙂 Frau Müller-Lüdenscheidt traf 東京 Electric und die Straße AG."
+    words_ = words(text)
+    person = (words_.index("Frau"), words_.index("traf"), "PER", 0.8)  # "Frau Müller - Lüdenscheidt"
+    result = model_result(text, [person])
+    rules = RuleSet([Rule("ORG", "東京 electric", id=11), Rule("ORG", "straße ag", id=12), Rule("PER", "Müller", id=13)], mode, tokenize=tokenize)
+    ruled = apply_rules(text, result, rules)
+    for e in ruled.entities:
+        assert text[e.start : e.end] == e.text
+    got = [(e.text, e.label, e.source, e.rule_id) for e in ruled.entities]
+    if mode == "override":
+        assert got == [("Müller", "PER", "rule", 13), ("東京 Electric", "ORG", "rule", 11), ("Straße AG", "ORG", "rule", 12)]
+    else:
+        assert got == [("Frau Müller-Lüdenscheidt", "PER", "model", None), ("東京 Electric", "ORG", "rule", 11), ("Straße AG", "ORG", "rule", 12)]
+    tags = {t.text: (t.tag, t.score) for t in ruled.tokens}
+    assert tags["東京"] == ("B-ORG", RULE_SCORE) and tags["Electric"] == ("I-ORG", RULE_SCORE)
+    assert tags["traf"] == ("O", 0.7)
+    assert tags["Frau"] == (("O", 0.7) if mode == "override" else ("B-PER", 0.7))
+    dicts = entity_dicts(ruled, EntityFilter.of(0.9, None))
+    assert [d["rule_id"] for d in dicts] == ([11, 12] if mode == "fill" else [13, 11, 12])  # the model's 0.8 is filtered out
+
+
+def test_apply_rules_reports_what_it_did(tokenize):
+    from ml.pipeline import apply_rules
+
+    text = "Acme met Bob"
+    result = model_result(text, [(0, 1, "PER", 0.4), (2, 3, "PER", 0.9)])
+    fill = apply_rules(text, result, RuleSet([Rule("ORG", "acme", id=1)], "fill", tokenize=tokenize))
+    assert fill.rules is not None and [s.rule_id for s in fill.rules.skipped] == [1]
+    override = apply_rules(text, result, RuleSet([Rule("ORG", "acme", id=1)], "override", tokenize=tokenize))
+    assert override.rules is not None and [r.label for r in override.rules.replaced] == ["PER"]
+    assert [(e.text, e.label, e.source) for e in override.entities] == [("Acme", "ORG", "rule"), ("Bob", "PER", "model")]
