@@ -1,5 +1,5 @@
 # The two commands that matter:  make serve  /  make test
-# Both create .venv on first use (CPU build of torch 2.13.0; see README for CUDA).
+# Both create .venv on first use (CPU build of torch 2.13.0; see docs/gpu.md for CUDA).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: serve test lint install system-deps bench-load bench-accuracy clean
+.PHONY: serve test lint docs install system-deps bench-load bench-accuracy clean
 
 $(BIN)/ner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,15 @@ lint: $(BIN)/ner
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The whole test suite, PostgreSQL tests included (server at 127.0.0.1:5432), after lint and types.
+# The whole test suite, PostgreSQL tests included (server at 127.0.0.1:5432), after lint and types;
+# then the documentation site, strictly (a broken link, a missing anchor or a page outside the nav fails).
 test: $(BIN)/ner system-deps lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+# The documentation site (mkdocs.yml, pages under docs/) into site/ (git-ignored).
+docs: $(BIN)/ner
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench-load: $(BIN)/ner
 	$(BIN)/python benchmarks/load.py
@@ -51,4 +57,4 @@ bench-accuracy: $(BIN)/ner
 	$(BIN)/python benchmarks/accuracy.py --data ../shared/data/conll2003 ablations --epochs 8
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache site
