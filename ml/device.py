@@ -24,7 +24,7 @@ def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.devic
         raise DeviceError(f"device {spec!r} is not supported: use cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        raise DeviceError(f"device {spec!r}: CUDA is not available (torch {torch.__version__}, {build}; the README's GPU section says how to install a CUDA build)")
+        raise DeviceError(f"device {spec!r}: CUDA is not available (torch {torch.__version__}, {build}; docs/gpu.md says how to install a CUDA build)")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

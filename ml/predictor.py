@@ -67,7 +67,7 @@ class Predictor:
     def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: str | None = None, fast: Optional[bool] = None) -> Predictor:
         """Load a model folder for inference. With ``fast`` (the default on a CPU) the forward passes
         run through ``ml.fast.FastTagger``: the same weights, torch.nn's fused recurrence, cached
-        token features and a numpy CRF (see README, Performance). Otherwise, with ``script`` (and the
+        token features and a numpy CRF (docs/model.md, The CPU inference path). Otherwise, with ``script`` (and the
         scripted recurrence) the whole Tagger is compiled with TorchScript, so the CRF's loops run
         without the Python interpreter too. ``backend`` overrides the folder's recurrence backend."""
         loaded = load_model(path, device, backend)
