@@ -70,6 +70,9 @@ class RejectedRecord(ValueError):
         super().__init__(f"{reject.describe()} ({reject.reason}; without --strict it goes to the rejects file)")
         self.reject = reject
 
+    def __reduce__(self) -> tuple:  # raised in a Ray actor, unpickled in the driver
+        return (RejectedRecord, (self.reject,))
+
 
 @dataclass(frozen=True)
 class ShardSpec:

@@ -1,0 +1,115 @@
+"""``--engine ray``: the same shards as Ray Data, ``from_items(shards) -> map_batches(ShardTagger,
+concurrency=N, num_cpus=1, batch_size=1)``, the model loaded once per actor (``pip install .[ray]``).
+
+Joins the cluster at ``--ray-address`` / ``RAY_ADDRESS`` (or the Ray this process already runs),
+otherwise starts a local Ray for the job. Each actor reads its shard from the input path, tags it
+and writes the shard's file itself (temporary file + rename), so on a cluster the inputs, the output
+folder and the model folder must be on a file system every node sees, and this package installed
+on every node. A shard's file name is fixed by the plan: a shard run twice (a task retried after its
+node died) replaces its file with the same content, and no document is written twice.
+
+Should a round fail (a node lost with a task Ray could not retry), the shards still without a file
+are run again, up to ``ROUNDS`` rounds, each sized to the CPUs the cluster has then."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ml.bulk.job import BulkError, BulkJob, ShardResult, ShardWorker
+from ml.bulk.output import OutputFolder
+from ml.bulk.progress import Progress
+from ml.bulk.sources import BulkInputError, RejectedRecord, ShardSpec
+
+ROUNDS = 3
+log = logging.getLogger("ml.bulk.ray")
+
+
+class ShardTagger:
+    """A Ray Data actor: the model loaded once in ``__init__``; each call tags one batch of shards."""
+
+    def __init__(self, job: dict):
+        import torch
+
+        torch.set_num_threads(1)
+        self.worker = ShardWorker.load(BulkJob.from_dict(job))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = list(batch)
+        results = []
+        for k in range(len(batch[names[0]])):
+            spec = ShardSpec.from_dict({name: batch[name][k].item() if hasattr(batch[name][k], "item") else batch[name][k] for name in names})
+            results.append(self.worker.run(spec).to_dict())
+        return {key: np.array([r[key] for r in results]) for key in ("index", "documents", "rejects", "tokens", "seconds")}
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The job's own error (strict reject, unreadable input) inside Ray's wrapping, if it is one."""
+    seen: set[int] = set()
+    stack: list[Any] = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (RejectedRecord, BulkInputError)):
+            return e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+def _connect(address: str | None) -> bool:
+    """Join or start Ray; True when this call started it (and the job must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    return True
+
+
+def _round(job: BulkJob, shards: Sequence[ShardSpec], workers: int | None, progress: Progress) -> list[ShardResult]:
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the job's own progress (ml.bulk.progress) is shown
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = max(1, min(workers or cpus, len(shards)))
+    ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(ShardTagger, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1, concurrency=actors, num_cpus=1)
+    results = []
+    for row in ds.iter_rows():
+        result = ShardResult(int(row["index"]), int(row["documents"]), int(row["rejects"]), int(row["tokens"]), float(row["seconds"]))
+        progress.add(result.documents + result.rejects, result.tokens, result.rejects)
+        results.append(result)
+    return results
+
+
+def run_ray(job: BulkJob, pending: Sequence[ShardSpec], workers: int | None, address: str | None, progress: Progress) -> list[ShardResult]:
+    import ray
+
+    started_here = _connect(address)
+    out = OutputFolder(job.out, job.output_format)
+    results: list[ShardResult] = []
+    try:
+        for attempt in range(1, ROUNDS + 1):
+            remaining = [s for s in pending if not out.is_complete(s)]
+            if not remaining:
+                break
+            try:
+                results.extend(_round(job, remaining, workers, progress))
+            except Exception as e:  # Ray wraps what failed in its own types: look inside
+                user = _user_error(e)
+                if user is not None:
+                    raise user from None
+                if attempt == ROUNDS:
+                    raise BulkError(f"the Ray job failed {ROUNDS} times, last: {e}; the shards written so far are kept: run the same command again") from e
+                log.warning("Ray round %d failed (%s); running the %d shards still missing again", attempt, type(e).__name__, len(remaining))
+    finally:
+        if started_here:
+            ray.shutdown()
+    return results
