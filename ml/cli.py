@@ -1,4 +1,4 @@
-"""The tagger's commands: train, evaluate, predict, export, bulk. ``python -m ml`` runs them with torch
+"""The tagger's commands: train, finetune, fisher, evaluate, predict, export, bulk. ``python -m ml`` runs them with torch
 alone; the ``ner`` command (``service.cli``) adds serve and db to the same parser."""
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ml.finetune import FinetuneConfig, finetune, read_corrections
+    from ml.finetune import FinetuneConfig, FinetuneInputs, finetune, read_corrections
 
     config = FinetuneConfig().override(args.set or [])
     corrections = []
@@ -80,10 +80,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         folder = Path(args.data)
         base_data = (read_corpus(folder / "train.txt"), read_corpus(folder / "dev.txt"))
         lineage["base_corpus"] = str(folder)
-    rehearsal: list[str] = []
+    stored: list[str] = []
     for path in args.rehearse or []:
         path = Path(path)
-        rehearsal.extend(_read_texts(path, "jsonl" if path.suffix in (".jsonl", ".json") else "text"))
+        stored.extend(_read_texts(path, "jsonl" if path.suffix in (".jsonl", ".json") else "text"))
     base = _default_model(args.from_model)
     out = Path(args.out) if args.out else Path("runs") / f"{args.name or 'model'}-{args.version}"
 
@@ -91,18 +91,39 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{100 * fraction:3.0f}%] {message}", file=sys.stderr, flush=True)
 
-    result = finetune(base, corrections, out, args.version, config, args.name, base_data, rehearsal, lineage, progress=report)
-    held = result.metrics["heldout"]
+    inputs = FinetuneInputs(base, corrections, args.version, out, args.name, base_data, stored, lineage=lineage)
+    result = finetune(inputs, config, progress=report)
+    held = result.metrics["heldout"] or {}
     summary = {
         "model": str(out),
-        "heldout_documents": held["documents"],
-        "heldout_f1_before": held["before"]["f1"] if held["before"] else None,
-        "heldout_f1_after": held["after"]["f1"] if held["after"] else None,
+        "heldout_documents": held.get("documents", 0),
+        "heldout_f1_before": held["before"]["f1"] if held else None,
+        "heldout_f1_after": held["after"]["f1"] if held else None,
         "seconds": result.metrics["train_seconds"],
     }
     if "dev" in result.metrics:
         summary.update(dev_f1_before=result.metrics["dev_before"]["f1"], dev_f1_after=result.metrics["dev"]["f1"])
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_fisher(args: argparse.Namespace) -> int:
+    """Measure the base model's Fisher diagonal on its training corpus and store it in its folder."""
+    from ml.anchoring import fisher_information, save_fisher
+    from ml.artifact import load_model
+    from ml.data import read_corpus
+
+    folder = _default_model(args.model)
+    loaded = load_model(folder)
+    sentences = [s for path in args.data for s in read_corpus(path)]
+
+    def report(done: int, total: int) -> None:
+        print(f"{done}/{total} sentences", file=sys.stderr, flush=True)
+
+    mc = loaded.config.model
+    fisher = fisher_information(loaded.model, loaded.vocab, sentences, mc.max_word_length, mc.tag_scheme, args.max_sentences, progress=report)
+    path = save_fisher(folder, fisher)
+    print(json.dumps({"fisher": str(path), "corpus_sentences": fisher.sentences, "measured_on": fisher.sample}))
     return 0
 
 
@@ -171,26 +192,60 @@ def _read_texts(path: Path, fmt: str) -> list[str]:
     return texts
 
 
+def _rules_and_filter(args: argparse.Namespace, model_labels: list[str]):
+    """``--rules FILE`` as a rule set (labels: any; the file is the user's) and the entity filter of
+    ``--min-score`` / ``--labels`` (labels the model or the rules produce). Raises ValueError
+    naming the bad line or label."""
+    from ml.rules import EntityFilter, RuleError, RuleSet, read_rules_file
+
+    rules = None
+    if args.rules:
+        try:
+            rules = RuleSet(read_rules_file(args.rules), args.rules_mode)
+        except RuleError as e:
+            raise ValueError(f"{args.rules}: {e}") from None
+    known = list(model_labels) + sorted({r.label for r in (rules.rules if rules else [])} - set(model_labels))
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels is not None else None
+    return rules, EntityFilter.of(args.min_score, labels, known)
+
+
+def _predict_conll(args: argparse.Namespace, predictor, rules, keep) -> list:
+    from ml.data import Sentence
+    from ml.data.conll import read_conll
+    from ml.labels import Span
+    from ml.rules import Found, merge
+
+    sentences = read_conll(args.input)
+    results = predictor.predict([s.tokens for s in sentences])
+    tagged = []
+    for s, r in zip(sentences, results, strict=True):
+        found = [Found(p.start, p.end, p.label, p.score) for p in r.spans]
+        if rules is not None:
+            found = merge(found, rules.match(s.tokens), rules.mode).entities
+        tagged.append(Sentence(s.tokens, [Span(f.start, f.end, f.label) for f in found if keep.keep(f.label, f.score)], doc_id=s.doc_id))
+    return tagged
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ml.pipeline import TextTagger
+    from ml.pipeline import TextTagger, entity_dicts
     from ml.predictor import Predictor
 
     predictor = Predictor.load(_default_model(args.model), args.device)
+    try:
+        rules, keep = _rules_and_filter(args, predictor.labels)
+    except ValueError as e:
+        return _fail(str(e))
     # read and check the whole input before creating the output file
     fmt = "text" if args.text is not None else (args.format if args.format != "auto" else _sniff_format(Path(args.input)))
     if fmt == "conll":
-        from ml.data import Sentence
-        from ml.data.conll import read_conll, write_conll
-        from ml.labels import Span
+        from ml.data.conll import write_conll
 
-        sentences = read_conll(args.input)
-        results = predictor.predict([s.tokens for s in sentences])
-        tagged = [Sentence(s.tokens, [Span(p.start, p.end, p.label) for p in r.spans], doc_id=s.doc_id) for s, r in zip(sentences, results, strict=True)]
+        tagged = _predict_conll(args, predictor, rules, keep)
     else:
         texts = [args.text] if args.text is not None else _read_texts(Path(args.input), fmt)
         lines = [
-            json.dumps({"text": text, "entities": [e.__dict__ for e in result.entities]}, ensure_ascii=False) + "\n"
-            for text, result in zip(texts, TextTagger(predictor).tag(texts), strict=True)
+            json.dumps({"text": text, "entities": entity_dicts(result, keep)}, ensure_ascii=False) + "\n"
+            for text, result in zip(texts, TextTagger(predictor).tag(texts, rules=rules), strict=True)
         ]
     with (open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)) as out:
         if fmt == "conll":
@@ -206,6 +261,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_torchscript(_default_model(args.model), args.out)
     print(f"wrote {path}")
     return 0
+
+
+def _score(value: str) -> float:
+    try:
+        score = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= score <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {value}")
+    return score
+
+
+def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    """--min-score, --labels and --rules/--rules-mode (ml.rules), for predict and bulk."""
+    p.add_argument("--min-score", type=_score, default=None, help="leave out entities scoring lower (0 to 1; a rule's entity scores 1)")
+    p.add_argument("--labels", help="comma-separated labels to keep (default: all)")
+    p.add_argument("--rules", metavar="FILE", help="entity rules applied after the model: JSONL, or CSV when it ends in .csv (docs/rules.md)")
+    p.add_argument("--rules-mode", choices=["override", "fill"], default="override", help="override: a rule match replaces overlapping model entities; fill: only where the model found nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,13 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-model", help=DEFAULT_MODEL_HELP.replace("model folder", "base model folder"))
     p.add_argument("--corrections", action="append", metavar="FILE.jsonl", help="corrections as GET /annotations?format=jsonl exports them")
     p.add_argument("--data", help="the base corpus (folder with train.txt and dev.txt): mixed in, and dev F1 measured before and after")
-    p.add_argument("--rehearse", action="append", metavar="FILE", help="unlabelled texts (one a line, or JSONL) tagged by the base model for pseudo-rehearsal")
+    p.add_argument("--rehearse", action="append", metavar="FILE", help="stored texts nobody corrected (one a line, or JSONL): the forgetting probe, and rehearsal / distillation when on")
     p.add_argument("--out", help="model folder to write (default: runs/NAME-VERSION)")
     p.add_argument("--name", help="model name (default: the base model's)")
     p.add_argument("--version", required=True)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a fine-tuning setting, e.g. --set epochs=4 --set freeze=encoder (see ml/finetune.py)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_finetune, lineage=None)
+
+    p = sub.add_parser("fisher", help="store the model's Fisher diagonal (measured on its training corpus) in its folder, for fine-tunes without the corpus")
+    p.add_argument("--model", help=DEFAULT_MODEL_HELP)
+    p.add_argument("--data", action="append", required=True, metavar="FILE", help="the corpus the model was trained on (repeatable: train and dev)")
+    p.add_argument("--max-sentences", type=int, default=5000, help="measure on a seeded sample of this many sentences (0: all)")
+    p.set_defaults(func=cmd_fisher)
 
     p = sub.add_parser("evaluate", help="entity-level precision/recall/F1 of a model on a file")
     p.add_argument("--model", help=DEFAULT_MODEL_HELP)
@@ -256,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "conll"])
     p.add_argument("--output", help="write here instead of standard output (JSONL, or CoNLL for CoNLL input)")
     p.add_argument("--device", default="cpu")
+    add_filter_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a TorchScript archive of the whole inference path")

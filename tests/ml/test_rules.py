@@ -265,3 +265,45 @@ def test_apply_rules_reports_what_it_did(tokenize):
     override = apply_rules(text, result, RuleSet([Rule("ORG", "acme", id=1)], "override", tokenize=tokenize))
     assert override.rules is not None and [r.label for r in override.rules.replaced] == ["PER"]
     assert [(e.text, e.label, e.source) for e in override.entities] == [("Acme", "ORG", "rule"), ("Bob", "PER", "model")]
+
+
+def test_ner_predict_applies_rules_and_filters(small_model_dir, tmp_path, capsys):
+    from ml.cli import main
+
+    rules = tmp_path / "rules.csv"
+    rules.write_text("label,phrase,case_sensitive\nPRODUCT,widget pro,false\nORG,Tom,true\n", encoding="utf-8")
+    text = "Tom works for Globex in Paris . the widget pro ."
+
+    def run(*extra: str) -> list[tuple]:
+        assert main(["predict", "--model", str(small_model_dir), "--text", text, *extra]) == 0
+        return [(e["text"], e["label"], e["source"], e["rule_id"]) for e in json.loads(capsys.readouterr().out)["entities"]]
+
+    assert run() == [("Tom", "PER", "model", None), ("Globex", "ORG", "model", None), ("Paris", "LOC", "model", None)]
+    assert run("--rules", str(rules)) == [
+        ("Tom", "ORG", "rule", 3), ("Globex", "ORG", "model", None), ("Paris", "LOC", "model", None), ("widget pro", "PRODUCT", "rule", 2),
+    ]
+    assert run("--rules", str(rules), "--rules-mode", "fill", "--labels", "PER,PRODUCT") == [("Tom", "PER", "model", None), ("widget pro", "PRODUCT", "rule", 2)]
+    assert run("--rules", str(rules), "--min-score", "1") == [("Tom", "ORG", "rule", 3), ("widget pro", "PRODUCT", "rule", 2)]
+
+
+def test_ner_predict_conll_applies_rules(small_model_dir, tmp_path, capsys):
+    from ml.cli import main
+
+    data = tmp_path / "in.conll"
+    data.write_text("Tom O\nvisited O\nParis O\n. O\n", encoding="utf-8")
+    rules = tmp_path / "rules.jsonl"
+    rules.write_text(json.dumps({"pattern": [{"text": "Paris"}], "label": "ORG"}) + "\n", encoding="utf-8")
+    assert main(["predict", "--model", str(small_model_dir), "--input", str(data), "--rules", str(rules), "--format", "conll"]) == 0
+    tags = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip() and not line.startswith("-DOCSTART-")]
+    assert tags == ["B-PER", "O", "B-ORG", "O"]
+
+
+def test_ner_predict_names_the_bad_rule_line_and_label(small_model_dir, tmp_path, capsys):
+    from ml.cli import main
+
+    rules = tmp_path / "rules.jsonl"
+    rules.write_text('{"phrase": "ok", "label": "ORG"}\n{"phrase": "", "label": "ORG"}\n', encoding="utf-8")
+    assert main(["predict", "--model", str(small_model_dir), "--text", "Tom .", "--rules", str(rules)]) == 2
+    assert "line 2: 'phrase' is empty" in capsys.readouterr().err
+    assert main(["predict", "--model", str(small_model_dir), "--text", "Tom .", "--labels", "PER,FOOD"]) == 2
+    assert "unknown label 'FOOD'" in capsys.readouterr().err
