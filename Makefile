@@ -14,7 +14,7 @@ $(BIN)/ner: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,train]'
+	$(BIN)/pip install --quiet -e '.[test,train,ray]'
 	touch $@
 
 install: $(BIN)/ner

@@ -68,7 +68,8 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines beside the job's progress
     return True
 
 
@@ -80,7 +81,8 @@ def _round(job: BulkJob, shards: Sequence[ShardSpec], workers: int | None, progr
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = max(1, min(workers or cpus, len(shards)))
     ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(ShardTagger, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1, concurrency=actors, num_cpus=1)
+    pool = ray.data.ActorPoolStrategy(size=actors)
+    ds = ds.map_batches(ShardTagger, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1, compute=pool, num_cpus=1)
     results = []
     for row in ds.iter_rows():
         result = ShardResult(int(row["index"]), int(row["documents"]), int(row["rejects"]), int(row["tokens"]), float(row["seconds"]))
