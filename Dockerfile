@@ -53,7 +53,7 @@ RUN set -eux; \
     chmod -R a+rX /app; \
     test -f models/en-conll03/weights.safetensors || { echo "models/en-conll03 is missing from the build context: train or copy the bundled model first" >&2; exit 1; }; \
     pip install --no-deps -e .; \
-    python -c "from ml.artifact import default_model_path; from service.tagging import ServedModel; m = ServedModel.load(default_model_path()); print('bundled model:', m.name, m.version)"; \
+    python -c "from ml.artifact import default_model_path; from service.serving.model import ServedModel; m = ServedModel.load(default_model_path()); print('bundled model:', m.name, m.version)"; \
     ner --help >/dev/null
 
 # an unprivileged user; the code stays owned by root (read-only for the service). /data/models is

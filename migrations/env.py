@@ -4,7 +4,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.db.models import Base
+from service.store.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

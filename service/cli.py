@@ -42,9 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service import workers
     from service.config import Settings
     from service.security import ConfigError, check_exposure
+    from service.serving import supervisor
 
     os.environ["BIND_HOST"] = args.host  # the workers' Settings read it (exposure and host checks)
     if args.device is not None:
@@ -71,18 +71,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if migrated_here:
         # once, before any worker starts: N workers migrating one fresh database at once raced
         # (one of them failed on a column the other had just added, and the service stopped)
-        from service.db.session import upgrade
+        from service.store.session import upgrade
 
         upgrade(settings.database_url)
         os.environ["AUTO_MIGRATE"] = "false"  # the workers' Settings read it
     config = {"app": "service.main:create_app", "factory": True, "host": args.host, "port": args.port,
               "log_level": args.log_level, "access_log": args.access_log, "proxy_headers": True}
     try:
-        if args.workers > 1 and not args.shared_socket and workers.available():
-            # a socket per worker: the kernel spreads connections over them (service/workers.py)
+        if args.workers > 1 and not args.shared_socket and supervisor.available():
+            # a socket per worker: the kernel spreads connections over them (service/serving/supervisor.py)
             logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
             try:
-                return workers.Supervisor(config, args.workers).run()
+                return supervisor.Supervisor(config, args.workers).run()
             except OSError as e:
                 print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
                 return 2
@@ -108,7 +108,7 @@ def _database_url(args: argparse.Namespace) -> str:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from service.db import session as db
+    from service.store import session as db
 
     url = _database_url(args)
     if args.db_command == "purge":
@@ -130,8 +130,8 @@ def _purge(url: str, args: argparse.Namespace) -> int:
     import json
 
     from service.config import Settings
-    from service.db import session as db
-    from service.db.repositories import purge
+    from service.store import session as db
+    from service.store.repositories import purge
 
     settings = Settings()
     days = args.older_than_days if args.older_than_days is not None else settings.retention_days
@@ -152,8 +152,8 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
         return cmd_train(args)
     import datetime as dt
 
-    from service.db.session import check_schema, make_engine, make_sessionmaker
-    from service.exports import export_lines
+    from service.store.session import check_schema, make_engine, make_sessionmaker
+    from service.training.exports import export_lines
 
     since = dt.datetime.fromisoformat(args.since) if args.since else None
     engine = make_engine(args.annotations_from)
@@ -185,9 +185,9 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
     if not args.annotations_from:
         return cmd_finetune(args)
     from ml.finetune import FinetuneConfig
-    from service.db import jobs as jobs_repo
-    from service.db.session import check_schema, make_engine, make_sessionmaker
-    from service.exports import export_lines
+    from service.store import training_jobs as jobs_repo
+    from service.store.session import check_schema, make_engine, make_sessionmaker
+    from service.training.exports import export_lines
 
     config = FinetuneConfig().override(args.set or [])
     engine = make_engine(args.annotations_from)
@@ -223,7 +223,7 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.config import Settings
-    from service.worker import main as worker_main
+    from service.training.trainer import main as worker_main
 
     worker_main(Settings(), once=args.once)
     return 0
@@ -274,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.db.session import SchemaError
+    from service.store.session import SchemaError
 
     return run(parser(), argv, expected=(SchemaError,))
 

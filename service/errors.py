@@ -1,5 +1,5 @@
 """The service's errors, without FastAPI: every rule refuses a request by raising ``ApiError``
-(status, code, message); ``service.api.errors`` turns it into ``{"error": {"code", "message"}}``."""
+(status, code, message); ``service.api.error_handlers`` turns it into ``{"error": {"code", "message"}}``."""
 from __future__ import annotations
 
 from typing import Any

@@ -13,17 +13,20 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import metrics, security
-from service.api import errors, openapi
-from service.api.deps import Runtime, require_probe_key
+from service.api import error_handlers, openapi
+from service.api.deps import require_probe_key
+from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.routes import annotations as annotation_routes
 from service.api.routes import documents, feedback, health, jobs, models, tag
 from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
-from service.db.session import check_schema, make_engine, make_sessionmaker, upgrade
-from service.db.writer import prediction_writer
-from service.middleware import BodyLimit, RequestMetrics
-from service.registry import follow_active, initial_model
-from service.tagging import ServedModel, TaggingEngine
+from service.serving.engine import TaggingEngine
+from service.serving.model import ServedModel
+from service.serving.registry import follow_active, initial_model
+from service.serving.runtime import Runtime
+from service.serving.tagging import prediction_writer
+from service.store.session import check_schema, make_engine, make_sessionmaker, upgrade
+from service.training.collector import TrainingJobsCollector
 
 log = logging.getLogger("service")
 
@@ -52,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer_engine = engine if config.predictions_fsync else make_engine(config.database_url, config.db_timeout_s, pool_size=2, fsync=False)
         writer = prediction_writer(writer_engine, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer, writer_engine)
-        job_metrics = metrics.TrainingJobsCollector(sessions)
+        job_metrics = TrainingJobsCollector(sessions)
         metrics.add_collector(job_metrics)
         # move everything built so far (torch, spaCy, the model) out of the garbage collector's
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
@@ -82,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    errors.install(app)
+    error_handlers.install(app)
     app.include_router(annotate_page)
     for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, jobs.router, health.router):
         app.include_router(router)

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from pydantic.json_schema import JsonDict
+
+if TYPE_CHECKING:
+    from ml.pipeline import TextResult
 
 
 class Strict(BaseModel):
@@ -64,8 +68,10 @@ class TokenOut(BaseModel):
     score: float
 
 
-# the JSON of one tagged text (a service.tagging.ServedResult); no docstring: it would become the
-# schema's description in the public OpenAPI document
+# the JSON of one tagged text; no docstring: it would become the schema's description in the
+# public OpenAPI document. /tag builds it with text_result_json below, not through pydantic (that
+# would cost every request a validation): keep the two together, tests/service/test_wire_shape.py
+# checks that they agree.
 class TextResultOut(BaseModel):
     id: uuid.UUID | None = Field(None, description="prediction id, for feedback; null when not stored")
     stored: bool
@@ -76,6 +82,21 @@ class TextResultOut(BaseModel):
 
 class TextResultsOut(BaseModel):
     results: list[TextResultOut]
+
+
+def entities_json(result: TextResult) -> list[dict]:
+    """``EntityOut`` of every entity of a tagged text (also what is stored with the prediction)."""
+    return [{"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6)} for e in result.entities]
+
+
+def text_result_json(prediction_id: uuid.UUID | None, model_name: str, model_version: str, entities: list[dict], tokens_of: TextResult | None) -> dict:
+    """A ``TextResultOut`` as JSON: ``prediction_id`` None when not stored; ``tokens_of`` the
+    tagged text whose tokens to include, None to leave them out."""
+    result = {"id": str(prediction_id) if prediction_id is not None else None, "stored": prediction_id is not None,
+              "model": {"name": model_name, "version": model_version}, "entities": entities}
+    if tokens_of is not None:
+        result["tokens"] = [{"text": k.text, "start": k.start, "end": k.end, "tag": k.tag, "score": round(k.score, 6)} for k in tokens_of.tokens]
+    return result
 
 
 class EntityIn(Strict):

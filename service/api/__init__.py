@@ -1,0 +1,1 @@
+"""HTTP only: routes, dependencies, error handlers, middleware and the OpenAPI document; routes call serving and training, never store."""

@@ -4,33 +4,16 @@ hop per request on the hot path."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from service.batching import MicroBatcher
-from service.config import Settings
-from service.db.repositories import PredictionRecord
 from service.errors import ApiError, database_unavailable
 from service.security import KeyRing
-from service.tagging import TaggingEngine
-
-
-@dataclass
-class Runtime:
-    """Everything the lifespan builds; one per worker process."""
-
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    tagging: TaggingEngine
-    writer: MicroBatcher[PredictionRecord, bool]
-    writer_engine: Engine  # the prediction writer's (engine itself when PREDICTIONS_FSYNC)
+from service.serving.runtime import Runtime
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -82,7 +82,7 @@ class App:
 @pytest.fixture
 def serve(tmp_path, small_model_dir):
     """``with serve(**settings) as app``: a fresh migrated SQLite file and the app on a free port."""
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     @contextlib.contextmanager
     def start(api_key: str | None = None, **overrides) -> Iterator[App]:

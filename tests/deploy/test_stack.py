@@ -525,7 +525,7 @@ class LiveApp:
 
 @pytest.fixture(scope="module")
 def live_app(small_model_dir, tmp_path_factory) -> Iterator[LiveApp]:
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     db_path = tmp_path_factory.mktemp("deploy") / "ner.db"
     url = f"sqlite:///{db_path}"

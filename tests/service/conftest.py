@@ -97,8 +97,8 @@ def running_app(settings, migrate: bool = True):
     """The real app with its lifespan, through Starlette's httpx-based TestClient."""
     from fastapi.testclient import TestClient
 
-    from service.db.session import upgrade
     from service.main import create_app
+    from service.store.session import upgrade
 
     if migrate:
         upgrade(settings.database_url)

@@ -282,7 +282,7 @@ def test_privacy_mode_keeps_only_hashes_of_tagged_texts(sqlite_url, small_model_
 
 
 def test_refuses_to_start_on_an_unmigrated_database(sqlite_url, small_model_dir):
-    from service.db.session import SchemaError
+    from service.store.session import SchemaError
 
     with pytest.raises(SchemaError, match="run `ner db upgrade`"), running_app(make_settings(sqlite_url, small_model_dir), migrate=False):
         pass

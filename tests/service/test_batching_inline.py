@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.serving.batching import MicroBatcher
 
 
 def make(inline=lambda items: True, delay: float = 0.0):

@@ -65,8 +65,8 @@ def test_serve_with_two_workers_aggregates_metrics(tmp_path, small_model_dir):
 
 
 def test_finetune_from_the_database(tmp_path, small_model_dir):
-    from service.db import repositories
-    from service.db.session import make_engine, make_sessionmaker, upgrade
+    from service.store import repositories
+    from service.store.session import make_engine, make_sessionmaker, upgrade
 
     url = f"sqlite:///{tmp_path / 'c.db'}"
     upgrade(url)

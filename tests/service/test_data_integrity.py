@@ -32,7 +32,7 @@ def _exported(client) -> list[dict]:
 
 @pytest.mark.postgres
 def test_concurrent_corrections_leave_exactly_one_accepted(pg_server_url, small_model_dir):
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     upgrade(pg_server_url)
     marker = "Concurrency Zed"
@@ -70,7 +70,7 @@ def test_concurrent_corrections_leave_exactly_one_accepted(pg_server_url, small_
 def test_the_database_refuses_a_second_accepted_correction(pg_server_url):
     from sqlalchemy.exc import IntegrityError
 
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     upgrade(pg_server_url)
     engine = create_engine(pg_server_url)
@@ -140,8 +140,8 @@ def test_delete_document_erases_the_text_everywhere(sqlite_url, small_model_dir)
 
 
 def test_purge_applies_retention_and_expires_idempotency_keys(sqlite_url, small_model_dir):
-    from service.db.repositories import purge
-    from service.db.session import make_engine, make_sessionmaker
+    from service.store.repositories import purge
+    from service.store.session import make_engine, make_sessionmaker
 
     with running_app(make_settings(sqlite_url, small_model_dir, idempotency_ttl_hours=1)) as c:
         c.post("/tag", json={"text": "Old uncorrected text ."})
@@ -194,7 +194,7 @@ def test_ner_db_purge_command(sqlite_url, small_model_dir, monkeypatch, capsys):
 
 
 def test_sqlite_commits_are_synchronous_full(sqlite_url):
-    from service.db.session import make_engine
+    from service.store.session import make_engine
 
     engine = make_engine(sqlite_url)
     with engine.connect() as conn:
@@ -208,7 +208,7 @@ def test_sqlite_commits_are_synchronous_full(sqlite_url):
 
 
 def test_postgres_commits_skip_the_disk_wait_only_on_the_prediction_engine(pg_server_url):
-    from service.db.session import make_engine
+    from service.store.session import make_engine
 
     for fsync, expected in ((True, "on"), (False, "off")):
         engine = make_engine(pg_server_url, fsync=fsync)
@@ -243,8 +243,8 @@ def test_out_of_range_model_ids_are_refused_not_500(sqlite_url, small_model_dir,
 
 
 def test_export_holds_no_connection_between_pages(sqlite_url, small_model_dir):
-    from service.db import repositories
-    from service.db.session import make_engine, make_sessionmaker
+    from service.store import repositories
+    from service.store.session import make_engine, make_sessionmaker
 
     with running_app(make_settings(sqlite_url, small_model_dir)) as c:
         for i in range(5):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from ml.data.conll import write_conll
-from service.db.session import upgrade
+from service.store.session import upgrade
 from tests.conftest import SMALL_MODEL
 from tests.service.conftest import LiveServer, make_settings
 from tests.synthetic import synthetic_corpus
@@ -129,8 +129,8 @@ def test_workers_follow_the_version_activated_in_the_database(tmp_path, small_mo
     """Another worker (here: a direct database update) activates a version; this one follows."""
     import shutil
 
-    from service.db import repositories
-    from service.db.session import make_engine, make_sessionmaker
+    from service.store import repositories
+    from service.store.session import make_engine, make_sessionmaker
 
     db_url = f"sqlite:///{tmp_path / 'follow.db'}"
     upgrade(db_url)

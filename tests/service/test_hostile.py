@@ -15,7 +15,7 @@ WORST = ["\U0001f600" * 50_000, "{" * 16_000, "(" * 50_000, ("Paris Berlin and A
 
 @pytest.mark.slow
 def test_server_keeps_answering_while_the_worst_texts_are_tagged(sqlite_url, small_model_dir):
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     upgrade(sqlite_url)
     with LiveServer(make_settings(sqlite_url, small_model_dir)) as server:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.db.session import upgrade
+from service.store.session import upgrade
 from tests.service.conftest import LiveServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from service.db.models import Document, Prediction, new_ids
-from service.db.repositories import PredictionRecord, PredictionStore, sha256
-from service.db.session import make_engine, make_sessionmaker, upgrade
+from service.store.repositories import PredictionRecord, PredictionStore, sha256
+from service.store.session import make_engine, make_sessionmaker, upgrade
+from service.store.tables import Document, Prediction, new_ids
 
 TEXTS = ["Tom visited Oslo .", "Zoë met Ünal in Köln — 東京 🏳️‍🌈 .", "It's \"quoted\" ; DROP TABLE documents; --"]
 

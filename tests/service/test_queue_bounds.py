@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from service.batching import MicroBatcher, QueueFull
+from service.serving.batching import MicroBatcher, QueueFull
 
 
 def test_queue_counts_characters_and_keeps_room_for_small_requests():

@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from service.db.session import upgrade
+from service.store.session import upgrade
 from tests.service.conftest import LiveServer, TcpProxy, make_settings
 
 SENTENCES = ["Anna Berg visited Paris .", "Tom works for Globex in Oslo .", "Initech hired Olga yesterday .", "Chen Wei and Tom met ."]
@@ -102,8 +102,8 @@ def test_migrations_upgrade_downgrade_upgrade_and_match_the_orm(pg_server_url):
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine, inspect
 
-    from service.db.models import Base
-    from service.db.session import code_revision, database_revision, downgrade
+    from service.store.session import code_revision, database_revision, downgrade
+    from service.store.tables import Base
 
     # a database of its own: the shared test database is in use by other tests
     base = pg_server_url.rsplit("/", 1)[0]
@@ -140,7 +140,7 @@ def test_sqlite_migrations_match_the_orm(tmp_path):
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine
 
-    from service.db.models import Base
+    from service.store.tables import Base
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)

@@ -16,7 +16,7 @@ ADMIN = "admin-key-for-schemathesis-0123"
 
 @pytest.fixture(scope="module")
 def fuzz_client(tmp_path_factory, small_model_dir):
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     tmp = tmp_path_factory.mktemp("fuzz")
     url = f"sqlite:///{tmp / 'ner.db'}"

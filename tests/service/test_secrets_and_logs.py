@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_train_annotations_from_never_prints_the_password(pg_server_url, tmp_path):
     from sqlalchemy import create_engine, text
 
-    from service.db.session import upgrade
+    from service.store.session import upgrade
 
     base = pg_server_url.rsplit("/", 1)[0]
     name = pg_server_url.rsplit("/", 1)[1] + "_pw"
@@ -106,10 +106,10 @@ def test_serve_removes_its_metrics_folder_and_stale_ones(monkeypatch, tmp_path):
         seen["dir"] = folder
         raise KeyboardInterrupt  # even an interrupted server cleans up
 
-    from service import workers
+    from service.serving import supervisor
 
     monkeypatch.setattr(uvicorn, "run", fake_run)  # --shared-socket, or not Linux
-    monkeypatch.setattr(workers.Supervisor, "run", fake_run)  # a socket per worker
+    monkeypatch.setattr(supervisor.Supervisor, "run", fake_run)  # a socket per worker
     with pytest.raises(KeyboardInterrupt):
         cli.main(["serve", "--workers", "2", "--host", "127.0.0.1"])
     assert seen["dir"].parent == tmp_path and not seen["dir"].exists()

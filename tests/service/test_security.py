@@ -152,7 +152,7 @@ def test_untrusted_host_is_refused(sqlite_url, small_model_dir):
 
 
 def test_slow_body_times_out_with_408():
-    from service.middleware import BodyLimit
+    from service.api.middleware import BodyLimit
 
     async def app(scope, receive, send):  # pragma: no cover - never reached
         raise AssertionError("the app must not see an unfinished body")

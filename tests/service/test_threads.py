@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from service.batching import MicroBatcher
+from service.serving.batching import MicroBatcher
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from fastapi.testclient import TestClient
 from service.config import Settings
-from service.db.session import upgrade
+from service.store.session import upgrade
 from service.main import create_app
 
 def omp():

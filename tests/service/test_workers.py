@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import workers
+from service.serving import supervisor
 from tests.service.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(not workers.available(), reason="SO_REUSEPORT balancing is Linux-only")
+pytestmark = pytest.mark.skipif(not supervisor.available(), reason="SO_REUSEPORT balancing is Linux-only")
 
 
 def _children(pid: int) -> set[int]:
@@ -109,7 +109,7 @@ def test_connections_are_spread_over_workers_and_a_dead_worker_is_replaced(tmp_p
 
         # the port is taken while it serves, by a socket with or without SO_REUSEPORT
         with pytest.raises(OSError):
-            workers.check_port_free("127.0.0.1", port)
+            supervisor.check_port_free("127.0.0.1", port)
 
         before = _children(server.pid)
         victim = max(before)
@@ -161,7 +161,7 @@ def test_auto_migrate_runs_once_in_the_supervisor_before_the_workers(tmp_path, m
     """Two workers each migrating one fresh database raced (one failed on a column the other had
     just added: 1 start in 4 stopped). The supervisor migrates first; the workers only check."""
     from service import cli
-    from service.db.session import check_schema, make_engine
+    from service.store.session import check_schema, make_engine
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     for name, value in {"DATABASE_URL": url, "AUTO_MIGRATE": "true", "NER_MODEL": str(small_model_dir), "BIND_HOST": "127.0.0.1"}.items():
@@ -178,7 +178,7 @@ def test_auto_migrate_runs_once_in_the_supervisor_before_the_workers(tmp_path, m
         seen["schema"] = "current"
         return 0
 
-    monkeypatch.setattr(workers.Supervisor, "run", fake_run)
+    monkeypatch.setattr(supervisor.Supervisor, "run", fake_run)
     assert cli.main(["serve", "--workers", "2", "--port", str(free_port())]) == 0
     assert seen == {"auto_migrate": "false", "schema": "current"}
     assert os.environ["AUTO_MIGRATE"] == "true"  # restored for whoever called

@@ -7,13 +7,11 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import RuntimeDep, SessionDep, require_api_key
-from service.db import repositories
-from service.errors import ApiError, database_unavailable
-from service.feedback import accepted_labels
+from service.errors import ApiError
 from service.schemas import ModelRef
+from service.training.feedback import accepted_labels, annotation_progress
 
 STATIC = Path(__file__).resolve().parents[2] / "static" / "annotate"
 # the page's files and their types; nothing else under the folder is served
@@ -50,10 +48,7 @@ def status(runtime: RuntimeDep, session: SessionDep) -> AnnotateStatus:
     """The served model, the labels feedback accepts (the model's, then EXTRA_LABELS), how many texts
     have an accepted correction, and how many stored texts wait in the queue."""
     model = runtime.tagging.model
-    try:
-        corrected, queued = repositories.count_accepted_annotations(session), repositories.count_queue(session)
-    except SQLAlchemyError as e:
-        raise database_unavailable(e, operation="annotate_status") from None
+    corrected, queued = annotation_progress(session)
     return AnnotateStatus(
         model=ModelRef(name=model.name, version=model.version), labels=accepted_labels(model, runtime.settings),
         corrected_total=corrected, queue_remaining=queued,

@@ -11,10 +11,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import RuntimeDep, SessionDep, require_annotate_key, require_read_key
-from service.db import repositories
 from service.errors import ApiError, database_unavailable
-from service.exports import export_lines
 from service.schemas import QueueItem
+from service.training.exports import export_lines
+from service.training.feedback import review_queue
 
 router = APIRouter(tags=["annotations"])
 
@@ -54,7 +54,7 @@ def export_annotations(
 @router.get("/annotations/queue", response_model=list[QueueItem], dependencies=[Depends(require_annotate_key)])
 def queue(session: SessionDep, limit: int = Query(20, ge=1, le=500)):
     """Uncorrected stored texts whose weakest token marginal is lowest: correct these first."""
-    rows = repositories.least_confident(session, limit=limit)
+    rows = review_queue(session, limit=limit)
     return [
         QueueItem(prediction_id=p.id, text=p.document.text or "", entities=p.entities, min_score=p.min_score, model={"name": p.model_name, "version": p.model_version})
         for p in rows

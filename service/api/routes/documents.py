@@ -6,9 +6,8 @@ import uuid
 from fastapi import APIRouter, Depends
 
 from service.api.deps import SessionDep, require_admin_key
-from service.db import repositories
-from service.errors import ApiError
 from service.schemas import Erased
+from service.training.feedback import erase_document
 
 router = APIRouter(tags=["documents"], dependencies=[Depends(require_admin_key)])
 
@@ -18,7 +17,5 @@ def delete_document(document_id: uuid.UUID, session: SessionDep):
     """Every stored copy of the document's text (same SHA-256), its predictions and its corrections
     are deleted; it is gone from /annotations and /annotations/queue. The document id is in a
     /feedback answer (`document_id`)."""
-    removed = repositories.erase_document(session, document_id=document_id)
-    if removed is None:
-        raise ApiError(404, "document_not_found", f"no stored document with id {document_id}")
+    removed = erase_document(session, document_id=document_id)
     return Erased(document_id=document_id, deleted=removed.as_dict())

@@ -7,9 +7,9 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep, SessionDep, require_annotate_key
-from service.db.models import Annotation
-from service.feedback import store_feedback
 from service.schemas import FeedbackRequest, FeedbackResponse
+from service.store.tables import Annotation
+from service.training.feedback import store_feedback
 
 router = APIRouter(tags=["feedback"], dependencies=[Depends(require_annotate_key)])
 

@@ -10,7 +10,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service import metrics
 from service.api.deps import RuntimeDep, require_probe_key
-from service.db.session import ping
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_probe_key)])
 
@@ -25,7 +24,7 @@ async def readyz(runtime: RuntimeDep):
     checks = {"model": f"{runtime.tagging.model.name} {runtime.tagging.model.version}"}
     ready = True
     try:
-        await asyncio.wait_for(run_in_threadpool(ping, runtime.engine), timeout=runtime.settings.db_timeout_s + 1)
+        await asyncio.wait_for(run_in_threadpool(runtime.ping_database), timeout=runtime.settings.db_timeout_s + 1)
         checks["database"] = "ok"
     except (SQLAlchemyError, TimeoutError) as e:  # the ping failed, or took longer than DB_TIMEOUT_S + 1
         metrics.DB_ERRORS.labels(operation="readyz").inc()

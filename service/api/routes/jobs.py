@@ -9,11 +9,9 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key
-from service.db import jobs as jobs_repo
-from service.db.models import TrainingJob
-from service.errors import ApiError
-from service.jobs import request_retrain
 from service.schemas import JobOut, RetrainRequest
+from service.store.tables import TrainingJob
+from service.training import retrain as retraining
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
@@ -45,7 +43,7 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 def retrain(body: RetrainRequest, session: SessionDep, runtime: RuntimeDep):
     """Queue a fine-tuning job on the stored corrections. 202 with the job; a trainer takes it.
     While a job is queued or running, the same request answers 200 with that job instead."""
-    job, created = request_retrain(session, settings=runtime.settings, base_model_id=body.base_model_id, finetune=body.finetune)
+    job, created = retraining.request_retrain(session, settings=runtime.settings, base_model_id=body.base_model_id, finetune=body.finetune)
     if not created:
         return JSONResponse(job_out(job).model_dump(mode="json"), status_code=200)
     return job_out(job)
@@ -53,7 +51,7 @@ def retrain(body: RetrainRequest, session: SessionDep, runtime: RuntimeDep):
 
 @router.get("/jobs", response_model=list[JobOut])
 def list_jobs(session: SessionDep, limit: int = Query(50, ge=1, le=500)):
-    return [job_out(j) for j in jobs_repo.list_jobs(session, limit=limit)]
+    return [job_out(j) for j in retraining.list_jobs(session, limit=limit)]
 
 
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a training job id from POST /admin/retrain or GET /admin/jobs")]
@@ -61,7 +59,4 @@ JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a training job id f
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, session: SessionDep):
-    job = jobs_repo.get_job(session, job_id=job_id)
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no training job with id {job_id}")
-    return job_out(job)
+    return job_out(retraining.get_job(session, job_id=job_id))

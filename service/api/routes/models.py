@@ -6,12 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
 
-from service import registry
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key, require_api_key
-from service.db import repositories
-from service.db.models import ModelVersion
 from service.schemas import ModelInfo, ModelVersionOut, RegisterModel
 from service.security import default_models_dir, model_folder
+from service.serving import registry
+from service.store.tables import ModelVersion
 
 router = APIRouter(tags=["models"])
 
@@ -39,7 +38,7 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
 
 @admin.get("/models", response_model=list[ModelVersionOut])
 def list_models(session: SessionDep):
-    return [_out(r) for r in repositories.list_models(session)]
+    return [_out(r) for r in registry.list_versions(session)]
 
 
 @admin.post("/models", response_model=ModelVersionOut, status_code=201)

@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep, require_api_key
 from service.schemas import TagRequest, TextResultOut, TextResultsOut
-from service.tagging import tag_texts
+from service.serving.tagging import tag_texts
 
 router = APIRouter(tags=["tagging"], dependencies=[Depends(require_api_key)])
 

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ApiError, error_body
 
-log = logging.getLogger("service.errors")
+log = logging.getLogger("service.api.error_handlers")
 
 
 def _clean(errors: Sequence) -> list:

@@ -22,11 +22,11 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import jobs as jobs_repo
-from service.db.models import TrainingJob, utcnow
-from service.jobs import JobError, JobSettings, LogTail, run_job
+from service.store import training_jobs as jobs_repo
+from service.store.tables import TrainingJob, utcnow
+from service.training.retrain import JobError, JobSettings, LogTail, run_job
 
-log = logging.getLogger("service.worker")
+log = logging.getLogger("service.training.trainer")
 
 
 class Worker:
@@ -144,7 +144,7 @@ def main(settings, once: bool = False) -> int:
     """``ner worker``: run until SIGTERM/SIGINT (or, with --once, until the queue is empty)."""
     import torch
 
-    from service.db.session import check_schema, make_engine, make_sessionmaker
+    from service.store.session import check_schema, make_engine, make_sessionmaker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(settings.torch_threads)

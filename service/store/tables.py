@@ -121,7 +121,7 @@ class TrainingJob(Base):
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    log: Mapped[str] = mapped_column(Text, default="")  # the last lines only (see service.jobs.LOG_TAIL)
+    log: Mapped[str] = mapped_column(Text, default="")  # the last lines only (see service.training.retrain.LOG_TAIL)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     decision: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

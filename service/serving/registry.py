@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from ml.artifact import ModelLoadError, default_model_path
 from service import metrics
 from service.config import Settings
-from service.db import repositories
-from service.db.models import ModelVersion
 from service.errors import ApiError
-from service.tagging import ServedModel, TaggingEngine
+from service.serving.engine import TaggingEngine
+from service.serving.model import ServedModel
+from service.store import repositories
+from service.store.tables import ModelVersion
 
-log = logging.getLogger("service.registry")
+log = logging.getLogger("service.serving.registry")
 
 
 class ModelRefused(Exception):
@@ -122,6 +123,11 @@ async def follow_active(engine: TaggingEngine, sessions: sessionmaker[Session], 
             log.error("cannot switch to %s %s at %s: %s", active.name, active.version, active.path, e)
             continue
         engine.switch(model)
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    """Every registered model version (GET /admin/models)."""
+    return repositories.list_models(session)
 
 
 def _active(sessions: sessionmaker[Session]) -> ModelVersion | None:

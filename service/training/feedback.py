@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import uuid
 from itertools import pairwise
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -12,11 +13,12 @@ from sqlalchemy.orm import Session
 from ml.data.tokenizer import AlignmentError, char_spans_to_token_spans
 from service import metrics
 from service.config import Settings
-from service.db import repositories
-from service.db.models import Prediction, utcnow
 from service.errors import ApiError, database_unavailable
 from service.schemas import EntityIn, FeedbackRequest
-from service.tagging import ServedModel, check_text
+from service.serving.model import ServedModel
+from service.serving.tagging import check_text
+from service.store import repositories
+from service.store.tables import Prediction, utcnow
 
 
 def accepted_labels(model: ServedModel, settings: Settings) -> list[str]:
@@ -117,3 +119,24 @@ def store_feedback(session: Session, body: FeedbackRequest, *, idempotency_key: 
     if not result.replayed:
         metrics.FEEDBACK.labels(source=result.annotation.source).inc()
     return result
+
+
+def annotation_progress(session: Session) -> tuple[int, int]:
+    """(texts with an accepted correction, stored texts waiting in the annotation queue)."""
+    try:
+        return repositories.count_accepted_annotations(session), repositories.count_queue(session)
+    except SQLAlchemyError as e:
+        raise database_unavailable(e, operation="annotate_status") from None
+
+
+def review_queue(session: Session, *, limit: int) -> list[Prediction]:
+    """Uncorrected stored predictions whose weakest token marginal is lowest: to be corrected first."""
+    return repositories.least_confident(session, limit=limit)
+
+
+def erase_document(session: Session, *, document_id: uuid.UUID) -> repositories.Removed:
+    """Delete every stored copy of the document's text, its predictions and its corrections."""
+    removed = repositories.erase_document(session, document_id=document_id)
+    if removed is None:
+        raise ApiError(404, "document_not_found", f"no stored document with id {document_id}")
+    return removed

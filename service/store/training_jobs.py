@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import Annotation, Document, ModelVersion, TrainingJob, utcnow
+from service.store.tables import Annotation, Document, ModelVersion, TrainingJob, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 OPEN = (QUEUED, RUNNING)

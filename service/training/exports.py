@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from ml.data.conll import write_conll
 from ml.data.jsonl import text_to_sentences
-from service.db import repositories
+from service.store import repositories
 
 
 def as_utc(since: dt.datetime | None) -> dt.datetime | None:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import Annotation, Document, ModelVersion, Prediction, new_id, new_ids, utcnow
+from service.store.tables import Annotation, Document, ModelVersion, Prediction, new_id, new_ids, utcnow
 
 
 def sha256(text: str) -> str:

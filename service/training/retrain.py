@@ -16,11 +16,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import jobs as jobs_repo
-from service.db import repositories
-from service.db.models import ModelVersion, TrainingJob
 from service.errors import ApiError
 from service.security import default_models_dir
+from service.store import repositories
+from service.store import training_jobs as jobs_repo
+from service.store.tables import ModelVersion, TrainingJob
 
 LOG_TAIL = 60  # lines of a job's log kept in the database
 
@@ -79,6 +79,19 @@ def request_retrain(session: Session, *, settings, base_model_id: int | None, fi
         return open_job, False
     params = {"finetune": finetune} if finetune else {}
     return jobs_repo.create_job(session, trigger="api", params=params, base_model_id=base_model_id), True
+
+
+def list_jobs(session: Session, *, limit: int) -> list[TrainingJob]:
+    """The latest training jobs, newest first (GET /admin/jobs)."""
+    return jobs_repo.list_jobs(session, limit=limit)
+
+
+def get_job(session: Session, *, job_id: int) -> TrainingJob:
+    """One training job; 404 job_not_found when there is none with this id."""
+    job = jobs_repo.get_job(session, job_id=job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no training job with id {job_id}")
+    return job
 
 
 class LogTail:

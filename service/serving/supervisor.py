@@ -25,7 +25,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-log = logging.getLogger("service.workers")
+log = logging.getLogger("service.serving.supervisor")
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start (lifespan failure, bad config)
 

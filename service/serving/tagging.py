@@ -1,0 +1,117 @@
+"""The rules of a /tag request: which texts are accepted, tagging them in the shared batch, and
+storing the results through the prediction writer (best effort). No FastAPI here; the wire shape
+of a result is ``service.schemas.text_result_json``."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ml.pipeline import TextResult
+from service import metrics, schemas
+from service.config import Settings
+from service.errors import ApiError
+from service.logthrottle import ThrottledLog
+from service.serving.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.serving.engine import TaggingEngine
+from service.serving.model import ServedResult
+from service.store.repositories import PredictionRecord
+from service.store.tables import new_ids
+from service.store.writer import batch_writer
+
+log = logging.getLogger("service.serving.tagging")
+# during a database outage: the first failure, then a count at most every 5 s (not one line per request)
+_unstored = ThrottledLog(log, "predictions not stored", interval_s=5.0)
+
+# C0/C1 controls except tab, newline and carriage return; UTF-16 surrogates
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+# the /tag results waiting for the database, written by one thread in batches (group commit)
+PredictionWriter = MicroBatcher[PredictionRecord, bool]
+
+
+def prediction_writer(engine: Engine, settings: Settings) -> PredictionWriter:
+    """The prediction writer: stored /tag results of concurrent requests go to the database in one
+    transaction. It runs in its own thread, on its own engine (see service.main)."""
+    write = batch_writer(engine, store_text=settings.store_text, on_stored=metrics.PREDICTIONS_STORED.inc)
+    # always through the writer thread, never inline in the request's: a commit can wait for
+    # another worker's SQLite lock, and that wait must not stop the event loop
+    return MicroBatcher(write, settings.db_write_batch, 0.0, 16 * settings.db_write_batch, name="prediction-writer")
+
+
+def check_text(text: str, where: str, settings: Settings) -> None:
+    """Reject what cannot be tagged or stored: empty text, over-long text, control characters
+    (NUL cannot even be stored in Postgres), and lone surrogates (not encodable as UTF-8)."""
+    if len(text) > settings.max_text_chars:
+        raise ApiError(413, "text_too_long", f"{where} has {len(text)} characters; the limit is {settings.max_text_chars}")
+    if not text.strip():
+        raise ApiError(422, "empty_text", f"{where} is empty or only whitespace")
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        ch = bad.group()
+        kind = "a lone surrogate" if 0xD800 <= ord(ch) < 0xE000 else "the control character"
+        raise ApiError(422, "invalid_character", f"{where} contains {kind} U+{ord(ch):04X} at offset {bad.start()}")
+
+
+def min_token_score(result: TextResult) -> float:
+    return min((t.score for t in result.tokens), default=1.0)
+
+
+async def tag_texts(
+    texts: list[str],
+    *,
+    one_text: bool,
+    store: bool,
+    include_tokens: bool,
+    engine: TaggingEngine,
+    writer: PredictionWriter,
+    settings: Settings,
+) -> list[dict]:
+    """The /tag flow: check the texts, tag them in the shared batch, store them (best effort: when
+    the database fails the results still go out, marked not stored). Returns one result per text in
+    the wire shape (``schemas.text_result_json``); ``one_text`` names errors after ``text``, not ``texts[i]``."""
+    if len(texts) > settings.max_batch_texts:
+        raise ApiError(422, "too_many_texts", f"{len(texts)} texts in one request; the limit is {settings.max_batch_texts}")
+    for index, text in enumerate(texts):
+        check_text(text, "text" if one_text else f"texts[{index}]", settings)
+
+    started = time.perf_counter()
+    try:
+        served = await engine.tag(texts)
+    except QueueFull as e:
+        metrics.QUEUE_REJECTED.inc(len(texts))
+        retry = str(max(1, round(e.retry_after_s)))
+        raise ApiError(503, "overloaded", "the tagging queue is full; retry later", {"Retry-After": retry}) from None
+    except BatcherClosed:
+        raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "5"}) from None
+    latency_ms = (time.perf_counter() - started) * 1000
+
+    ids = new_ids(len(texts))
+    entities = [schemas.entities_json(s.result) for s in served]
+    stored = store and await _store(writer, ids, texts, served, entities, latency_ms)
+    return [
+        schemas.text_result_json(prediction_id if stored else None, s.model.name, s.model.version, ents,
+                                 s.result if include_tokens else None)
+        for prediction_id, s, ents in zip(ids, served, entities, strict=True)
+    ]
+
+
+async def _store(writer: PredictionWriter, ids: list, texts: list[str], served: list[ServedResult], entities: list[list[dict]], latency_ms: float) -> bool:
+    """Hand the results to the prediction writer; False (counted and logged, throttled) when the
+    database or the writer's queue failed: the answer still goes out, marked as not stored."""
+    records = [
+        PredictionRecord(prediction_id, text, s.model.name, s.model.version, ents, min_token_score(s.result), latency_ms)
+        for prediction_id, text, s, ents in zip(ids, texts, served, entities, strict=True)
+    ]
+    try:
+        await writer.submit(records)
+    except (SQLAlchemyError, QueueFull, BatcherClosed) as e:
+        metrics.DB_ERRORS.labels(operation="store_prediction").inc()
+        metrics.PREDICTIONS_NOT_STORED.inc(len(records))
+        _unstored.failure(e, len(records))
+        return False
+    _unstored.success()
+    return True
