@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ml.bulk.output import OUTPUT_FORMATS
-from ml.bulk.sources import DEFAULT_SHARD_SIZE, FORMATS
+from ml.bulk.sources import AUTO_SHARDS, FORMATS, MAX_SHARD_SIZE, MIN_SHARD_SIZE
 
 if TYPE_CHECKING:
     from ml.bulk.job import BulkJob
@@ -29,7 +29,8 @@ def add_bulk_parser(sub: argparse._SubParsersAction, model_help: str) -> argpars
     p.add_argument("--engine", default="local", choices=["local", "ray"], help="local: processes on this machine; ray: Ray Data (pip install .[ray])")
     p.add_argument("--workers", type=int, help="worker processes / Ray actors (default: local, one per core; ray, the cluster's CPUs)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray is started)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="lines of a text/JSONL file per shard (Parquet: whole row groups)")
+    p.add_argument("--shard-size", type=int, help=f"lines of a text/JSONL file per shard (Parquet: whole row groups; default: about {AUTO_SHARDS} shards "
+                                                  f"of {MIN_SHARD_SIZE} to {MAX_SHARD_SIZE} records)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per call of the tagger")
     p.add_argument("--strict", action="store_true", help="stop at the first record that cannot be tagged instead of writing it to the rejects")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
@@ -43,7 +44,7 @@ def job_from_args(args: argparse.Namespace, model: str) -> BulkJob:
     from ml.bulk.sources import BulkInputError, ReadOptions
 
     for name in ("max_chars", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BulkInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     options = ReadOptions(args.text_field, args.id_field, args.max_chars)
     return BulkJob(tuple(args.inputs), args.out, model, args.format, args.output_format, options, args.shard_size, args.batch_size, args.strict)

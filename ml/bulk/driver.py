@@ -30,11 +30,11 @@ def run_job(job: BulkJob, *, engine: str = "local", workers: int | None = None, 
     if workers is not None and workers < 1:
         raise BulkError(f"--workers must be at least 1, got {workers}")
     model = model_identity(job.model)
-    specs = job.plan()
+    shard_size, specs = job.plan()
     out = OutputFolder(job.out, job.output_format)
     started = time.monotonic()
     with out.locked():
-        out.prepare(job.manifest(model, specs))
+        out.prepare(job.manifest(model, shard_size, specs))
         pending = [s for s in specs if not out.is_complete(s)]
         done = sum(s.count for s in specs) - sum(s.count for s in pending)
         bar = Progress(sum(s.count for s in specs), done, enabled=progress, stream=stream, interval_s=log_interval_s)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ml.bulk.output import OutputFolder
-from ml.bulk.sources import DEFAULT_SHARD_SIZE, Document, ReadOptions, RejectedRecord, ShardSpec, expand_inputs, plan_shards, read_shard
+from ml.bulk.sources import Document, ReadOptions, RejectedRecord, ShardSpec, auto_shard_size, expand_inputs, plan_shards, read_shard
 from ml.pipeline import TextTagger, entity_dicts, min_token_score
 
 
@@ -29,7 +29,7 @@ class BulkJob:
     input_format: str = "auto"
     output_format: str = "parquet"
     options: ReadOptions = field(default_factory=ReadOptions)
-    shard_size: int = DEFAULT_SHARD_SIZE
+    shard_size: int | None = None  # None: auto_shard_size (recorded in the job's manifest)
     batch_size: int = 64  # texts per call of the tagger (the service's BATCH_MAX_TEXTS default)
     strict: bool = False
 
@@ -43,14 +43,17 @@ class BulkJob:
         values["options"] = ReadOptions(**values["options"])
         return cls(**values)
 
-    def plan(self) -> list[ShardSpec]:
-        return list(plan_shards(expand_inputs(self.inputs, self.input_format), self.shard_size, self.options))
+    def plan(self) -> tuple[int, list[ShardSpec]]:
+        """The shard size (given, or chosen from the inputs) and the shards."""
+        files = expand_inputs(self.inputs, self.input_format)
+        size = self.shard_size if self.shard_size is not None else auto_shard_size(files)
+        return size, list(plan_shards(files, size, self.options))
 
-    def manifest(self, model: dict, shards: list[ShardSpec]) -> dict:
+    def manifest(self, model: dict, shard_size: int, shards: list[ShardSpec]) -> dict:
         """What makes two runs the same job (the output of one can be completed by the other)."""
         return {
             "format": 1, "inputs": list(self.inputs), "input_format": self.input_format, "output_format": self.output_format,
-            "options": asdict(self.options), "shard_size": self.shard_size, "model": model,
+            "options": asdict(self.options), "shard_size": shard_size, "model": model,
             "shards": [{k: v for k, v in s.to_dict().items() if k != "path"} for s in shards],
         }
 

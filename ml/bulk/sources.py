@@ -20,7 +20,9 @@ from typing import Any
 from ml.texts import text_problem
 
 FORMATS = ("text", "jsonl", "parquet")
-DEFAULT_SHARD_SIZE = 10_000
+# the automatic shard size: about AUTO_SHARDS shards (work for every worker, and progress at a fine
+# grain), each of MIN_SHARD_SIZE to MAX_SHARD_SIZE records (per-shard costs amortised; memory bounded)
+AUTO_SHARDS, MIN_SHARD_SIZE, MAX_SHARD_SIZE = 64, 100, 10_000
 SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -129,6 +131,19 @@ def expand_inputs(inputs: Sequence[str], fmt: str = "auto") -> list[InputFile]:
         for p in found:
             files.setdefault(str(p), InputFile(str(p), fmt if fmt != "auto" else format_of(p)))
     return list(files.values())
+
+
+def auto_shard_size(files: Sequence[InputFile]) -> int:
+    """A shard size from the number of records alone (so a rerun over the same inputs gets the same
+    plan, whatever ``--workers``): one pass over the text files, the Parquet files' footers."""
+    total = 0
+    for f in files:
+        if f.format == "parquet":
+            total += int(_parquet_file(f.path).metadata.num_rows)
+        else:
+            with open(f.path, "rb") as stream:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda s=stream: s.read(1 << 20), b"")) + 1
+    return max(MIN_SHARD_SIZE, min(MAX_SHARD_SIZE, -(-total // AUTO_SHARDS)))
 
 
 def plan_shards(files: Sequence[InputFile], shard_size: int, options: ReadOptions) -> Iterator[ShardSpec]:

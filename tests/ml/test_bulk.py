@@ -268,3 +268,16 @@ def test_cli_bulk_writes_jsonl_and_prints_the_summary(tmp_path, small_model_dir,
     assert "does not exist" in capsys.readouterr().err
     assert main(["bulk", str(path), "--out", str(tmp_path / "s"), "--model", str(small_model_dir), "--strict", "--max-chars", "5", "--quiet"]) == 2
     assert "text_too_long" in capsys.readouterr().err
+
+
+def test_the_automatic_shard_size_depends_on_the_inputs_alone(tmp_path, small_model_dir):
+    from ml.bulk.sources import MAX_SHARD_SIZE, MIN_SHARD_SIZE, auto_shard_size
+
+    small = write_lines(tmp_path / "small.txt", ["x"] * 250)
+    assert auto_shard_size(expand_inputs([str(small)])) == MIN_SHARD_SIZE
+    big = write_parquet(tmp_path / "big.parquet", {"text": ["x"] * (64 * MAX_SHARD_SIZE + 1)}, row_group_size=64 * MAX_SHARD_SIZE + 1)
+    assert auto_shard_size(expand_inputs([str(big)])) == MAX_SHARD_SIZE
+    middle = write_lines(tmp_path / "middle.txt", ["x"] * (64 * 300 - 1))  # with the count's +1 per file: 300 a shard
+    assert auto_shard_size(expand_inputs([str(middle)])) == 300
+    summary = run(job(tmp_path, small_model_dir, [small]), workers=2)
+    assert summary["shards"] == 3 and json.loads((tmp_path / "out" / "_job.json").read_text())["shard_size"] == MIN_SHARD_SIZE
