@@ -37,7 +37,8 @@ class OutputError(ValueError):
 def output_schema() -> Any:
     import pyarrow as pa
 
-    entity = pa.struct([("start", pa.int64()), ("end", pa.int64()), ("label", pa.string()), ("text", pa.string()), ("score", pa.float64())])
+    entity = pa.struct([("start", pa.int64()), ("end", pa.int64()), ("label", pa.string()), ("text", pa.string()), ("score", pa.float64()),
+                        ("source", pa.string()), ("rule_id", pa.int64())])  # ml.pipeline.entity_dicts: "model" or "rule", and which rule
     return pa.schema([
         ("id", pa.string()), ("entities", pa.list_(entity)), ("min_score", pa.float64()),
         ("model_name", pa.string()), ("model_version", pa.string()),
