@@ -249,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service (settings from the environment / .env)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes; metrics are aggregated across them")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes, each with its own listening socket (SO_REUSEPORT; see --shared-socket); metrics are aggregated across them")
     serve.add_argument("--shared-socket", action="store_true",
                        help="with several workers, one listening socket shared by all (uvicorn's way) instead of one per worker (SO_REUSEPORT, Linux)")
     serve.add_argument("--device", help="where the model runs: cpu (default), cuda or cuda:N; sets DEVICE")

@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     database_url: str = Field("sqlite:///./ner.db", description="SQLAlchemy URL; Postgres as postgresql+psycopg://user:pass@host/db")
     ner_model: Path | None = Field(None, description="model folder to serve first (default: the active version in the database, else the bundled model)")
     auto_migrate: bool = Field(False, description="apply migrations at start-up (meant for the embedded SQLite default)")
-    device: str = Field("cpu", description="where the model runs: cpu, cuda or cuda:N (needs a CUDA build of torch; README, GPU)")
+    device: str = Field("cpu", description="where the model runs: cpu, cuda or cuda:N (needs a CUDA build of torch; docs/gpu.md)")
 
     # limits
     max_body_bytes: int = 512 * 1024

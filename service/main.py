@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         torch.set_num_threads(config.torch_threads)
         # the event loop, the inference thread and the writer share one GIL: with Python's default
-        # 5 ms switch interval a thread that wants it can wait that long (README, Performance)
+        # 5 ms switch interval a thread that wants it can wait that long (docs/design-decisions.md)
         sys.setswitchinterval(config.gil_switch_ms / 1000.0)
         engine = make_engine(config.database_url, config.db_timeout_s)
         if config.auto_migrate:
@@ -50,8 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = await asyncio.to_thread(_initial_model, config, sessions)
         tagging = TaggingEngine(model, config).start()
         # predictions have their own engine: without PREDICTIONS_FSYNC their commits skip the disk
-        # wait (README, Configuration): at concurrency 1 that wait was a third to a half of a
-        # one-sentence request's time (README, Performance)
+        # wait (docs/configuration.md, PREDICTIONS_FSYNC): at concurrency 1 that wait was a third to a half of a
+        # one-sentence request's time (docs/benchmarks/history.md, Speed)
         writer_engine = engine if config.predictions_fsync else make_engine(config.database_url, config.db_timeout_s, pool_size=2, fsync=False)
         writer = prediction_writer(writer_engine, config).start()
         app.state.runtime = Runtime(config, engine, sessions, tagging, writer, writer_engine)

@@ -21,7 +21,7 @@ def set_thread_torch_threads(n: int) -> None:
     started after ``torch.set_num_threads`` in the main thread still runs OpenMP regions (the LSTM's
     matrix products) on as many threads as there are cores. Two workers' inference threads then ran
     four spinning OpenMP threads on two cores, and two workers on one machine collapsed now and
-    then (README, Performance)."""
+    then (docs/design-decisions.md, Threads per worker)."""
     torch.set_num_threads(n)
 
 

@@ -4,7 +4,7 @@ uvicorn's ``--workers`` shares one listening socket among the workers, and each 
 accepts every pending connection when it wakes. A client that opens its keep-alive connections at
 once (a load balancer's upstream pool, a benchmark) then lands most of them on one worker: with 32
 connections and two workers the split was 32/0, 28/4, 31/1 or 22/10 in four runs, and the busy
-worker's one core capped the service at one worker's throughput (README, Performance). With a
+worker's one core capped the service at one worker's throughput (docs/benchmarks/history.md, Speed). With a
 socket per worker bound with ``SO_REUSEPORT``, Linux spreads new connections over the workers by a
 hash of their addresses, whoever is awake. When a worker dies its socket closes and new connections
 go to the others until its replacement binds again.

@@ -42,7 +42,7 @@ class BulkInsert:
     work of a Session and of ``Connection.execute`` (cache lookup, parameter routing, result
     objects): on SQLite a one-prediction commit took 0.25 ms of CPU through a Session, 0.17 through
     ``Connection.execute`` and 0.09-0.12 this way; at concurrency 1 that commit is on every stored
-    /tag's path (README, Performance)."""
+    /tag's path (docs/benchmarks/history.md, Speed)."""
 
     def __init__(self, dialect: Dialect, table: Table, columns: Sequence[str]):
         compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))

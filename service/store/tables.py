@@ -20,7 +20,7 @@ def new_ids(n: int) -> list[uuid.UUID]:
     variant and 74 random bits. Rows stored together get ids that sort together, so their inserts
     append to the primary-key and document_id B-trees instead of dirtying a random page each
     (UUIDv4): on SQLite 23 instead of 50 KB written and 0.08 instead of 0.12 ms of CPU per stored
-    prediction (README, Performance). An id reveals when its row was made, which is stored beside
+    prediction (docs/benchmarks/history.md, Speed). An id reveals when its row was made, which is stored beside
     it anyway."""
     stamp = (time.time_ns() // 1_000_000).to_bytes(6, "big")
     noise = os.urandom(10 * n)

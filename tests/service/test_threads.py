@@ -3,7 +3,7 @@
 OpenMP keeps its thread count per thread: a thread started after torch.set_num_threads in the main
 thread still gets as many OpenMP threads as the machine has cores (unless OMP_NUM_THREADS is set,
 as the test suite's conftest does, hence the subprocess below). Two workers then ran four spinning
-OpenMP threads on two cores and collapsed now and then (README, Performance)."""
+OpenMP threads on two cores and collapsed now and then (docs/design-decisions.md, Threads per worker)."""
 from __future__ import annotations
 
 import asyncio
