@@ -20,7 +20,7 @@ ERROR_SCHEMA = {
             "type": "object",
             "required": ["code", "message"],
             "properties": {
-                "code": {"type": "string", "description": "stable machine-readable code (see the README's error table)"},
+                "code": {"type": "string", "description": "stable machine-readable code (every one is listed in docs/api.md, Errors)"},
                 "message": {"type": "string", "description": "what is wrong, for a person"},
                 "details": {"description": "validation errors: [{loc, msg, type}]"},
             },
