@@ -221,6 +221,36 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
             Path(name).unlink(missing_ok=True)
 
 
+def cmd_bulk_with_store(args: argparse.Namespace) -> int:
+    """``ner bulk --store``: the database is checked before the job (a long job does not fail at its
+    end), the documents and predictions stored after it (service.training.bulk_import)."""
+    from ml.bulk.command import cmd_bulk
+
+    if not args.store:
+        return cmd_bulk(args)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ml.bulk.job import BulkJob
+    from service.config import Settings
+    from service.store.session import check_schema, make_engine
+    from service.training.bulk_import import BulkStoreError, store_output
+
+    settings = Settings()
+    engine = make_engine(args.database_url or settings.database_url)
+
+    def store(job: BulkJob, summary: dict) -> dict:
+        return store_output(engine, job, job.plan()[1], store_text=settings.store_text)
+
+    try:
+        check_schema(engine)
+        return cmd_bulk(args, then=store)
+    except (BulkStoreError, SQLAlchemyError) as e:
+        print(f"error: storing the predictions failed: {e}; the output is kept: run the same command again to store the rest", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.training.trainer import main as worker_main
@@ -241,6 +271,12 @@ def parser() -> argparse.ArgumentParser:
     finetune.add_argument("--annotations-from", metavar="DATABASE_URL", help="the corrections (and, for rehearsal, the stored texts) of this database")
     finetune.add_argument("--rehearse-max", type=int, default=2000, help="with --annotations-from and rehearsal_ratio > 0: stored texts used at most")
     finetune.set_defaults(func=cmd_finetune_with_annotations)
+
+    bulk = sub.choices["bulk"]
+    bulk.add_argument("--store", action="store_true",
+                      help="also record the documents and predictions in the service's database, as POST /tag does (the least confident join GET /annotations/queue)")
+    bulk.add_argument("--database-url", help="with --store (default: DATABASE_URL / .env / the SQLite default)")
+    bulk.set_defaults(func=cmd_bulk_with_store)
 
     worker = sub.add_parser("worker", help="the trainer: run retraining jobs from the database one at a time (settings from the environment)")
     worker.add_argument("--once", action="store_true", help="exit when no job is left instead of waiting for more")
