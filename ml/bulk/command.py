@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ml.bulk.output import OUTPUT_FORMATS
@@ -50,24 +51,26 @@ def job_from_args(args: argparse.Namespace, model: str) -> BulkJob:
     return BulkJob(tuple(args.inputs), args.out, model, args.format, args.output_format, options, args.shard_size, args.batch_size, args.strict)
 
 
-def run_bulk(args: argparse.Namespace) -> dict:
-    """The job of ``args``; errors the user can fix come out as ValueError/RuntimeError subclasses."""
+def bulk_job(args: argparse.Namespace) -> BulkJob:
     from ml.artifact import default_model_path
+
+    return job_from_args(args, args.model or os.environ.get("NER_MODEL") or str(default_model_path()))
+
+
+def cmd_bulk(args: argparse.Namespace, then: Callable[[BulkJob, dict], dict] | None = None) -> int:
+    """Run the job and print its summary (one JSON object); ``then(job, summary)`` runs after the job
+    and adds to the summary (``service.cli``'s ``--store``). Errors the user can fix exit 2 with one line."""
     from ml.bulk.driver import run_job
-
-    model = args.model or os.environ.get("NER_MODEL") or str(default_model_path())
-    job = job_from_args(args, model)
-    return run_job(job, engine=args.engine, workers=args.workers, ray_address=args.ray_address, progress=not args.quiet,
-                   log_interval_s=args.log_interval)
-
-
-def cmd_bulk(args: argparse.Namespace) -> int:
     from ml.bulk.job import BulkError
     from ml.bulk.output import OutputError
     from ml.bulk.sources import BulkInputError, RejectedRecord
 
     try:
-        summary = run_bulk(args)
+        job = bulk_job(args)
+        summary = run_job(job, engine=args.engine, workers=args.workers, ray_address=args.ray_address, progress=not args.quiet,
+                          log_interval_s=args.log_interval)
+        if then is not None:
+            summary.update(then(job, summary))
     except (BulkInputError, OutputError, RejectedRecord, BulkError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

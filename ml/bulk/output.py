@@ -144,6 +144,16 @@ class OutputFolder:
             stale.unlink(missing_ok=True)
         atomic_write(self.shard_path(spec), _write_parquet(rows) if self.format == "parquet" else _write_jsonl(rows))
 
+    def rows(self, spec: ShardSpec) -> list[dict]:
+        """The rows of a complete shard, in input order."""
+        path = self.shard_path(spec)
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_table(path).to_pylist())
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
     def count_rows(self, spec: ShardSpec) -> int:
         path = self.shard_path(spec)
         if self.format == "parquet":
@@ -169,13 +179,9 @@ def read_rows(folder: str | Path) -> list[dict]:
     """Every row of a finished output folder, in shard order (for tests and small outputs)."""
     rows: list[dict] = []
     for path in sorted(Path(folder).glob("part-*")):
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows.extend(pq.read_table(path).to_pylist())
-        else:
-            with open(path, encoding="utf-8") as f:
-                rows.extend(json.loads(line) for line in f)
+        name, fmt = path.name.split(".", 1)
+        spec = ShardSpec(int(name.removeprefix("part-")), "", "", "", 0, 0, 0, 0)
+        rows.extend(OutputFolder(folder, fmt).rows(spec))
     return rows
 
 
