@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.support: readiness and ports, shared with the tests
+
+from tests.support import WaitTimeout, free_port, wait_ready  # noqa: E402
+
 SENTENCE = "Angela Merkel met Emmanuel Macron in Paris on Tuesday."
 
 
@@ -116,12 +119,6 @@ class Hostile:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (default: start `ner serve` on a fresh SQLite file)")
@@ -134,22 +131,17 @@ def main() -> int:
     url = args.url
     tmp = tempfile.mkdtemp(prefix="ner-hostile-")
     if url is None:
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp}/ner.db", "AUTO_MIGRATE": "true", "PYTHONPATH": str(ROOT)}
         if args.model:
             env["NER_MODEL"] = args.model
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(args.workers), "--log-level", "warning"], env=env, cwd=tmp)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        try:
+            wait_ready(url, server, timeout=180)
+        except WaitTimeout as e:
+            server.kill()
+            raise SystemExit(f"the server did not start: {e}") from None
     try:
         result = Hostile(url, args.seconds, args.clients).run()
         result.update(seconds=args.seconds, clients=args.clients, workers=args.workers, cpus=os.cpu_count())

@@ -17,6 +17,7 @@ other work on the machine barely moves). Nothing here is a test: numbers depend 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,11 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.support: databases and readiness, shared with the tests
+
+from tests.support import fresh_database, wait_ready  # noqa: E402
+
 SENTENCE = "Angela Merkel met Emmanuel Macron in Paris on Tuesday to discuss the European Union budget."
 PARAGRAPH_SOURCE = (
     "The European Commission said on Thursday it disagreed with German advice to consumers to shun British lamb until "
@@ -45,45 +48,11 @@ def paragraph(chars: int = 2000) -> str:
     return text[: text.rfind(" ")]
 
 
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become ready")
-
-
 def run_wrk(url: str, body_file: str, concurrency: int, seconds: int) -> dict:
     env = {**os.environ, "BODY_FILE": body_file}
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(ROOT / "benchmarks" / "tag.lua"), url + "/tag"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def create_pg_database(admin_url: str) -> tuple[str, str]:
-    from sqlalchemy import create_engine, text
-
-    name = f"ner_bench_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", name
-
-
-def drop_pg_database(admin_url: str, name: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    engine.dispose()
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -103,7 +72,7 @@ def group_cpu_seconds(pgid: int) -> float:
 def start_server(cmd: list[str], env: dict, base: str) -> subprocess.Popen:
     server = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
     try:
-        wait_ready(base)
+        wait_ready(base, server, timeout=120)
     except BaseException:
         stop_server(server)
         raise
@@ -211,43 +180,24 @@ def main() -> int:
         return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="ner-bench-"))
-    bodies = {"sentence": tmp / "sentence.json", "2000 chars": tmp / "paragraph.json"}
-    bodies["sentence"].write_text(json.dumps({"text": SENTENCE}))
-    bodies["2000 chars"].write_text(json.dumps({"text": paragraph()}))
-    if args.compare:
-        try:
+    try:
+        bodies = {"sentence": tmp / "sentence.json", "2000 chars": tmp / "paragraph.json"}
+        bodies["sentence"].write_text(json.dumps({"text": SENTENCE}))
+        bodies["2000 chars"].write_text(json.dumps({"text": paragraph()}))
+        if args.compare:
             return compare(args, tmp, bodies["sentence"])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return table(args, tmp, bodies)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def table(args, tmp: Path, bodies: dict[str, Path]) -> int:
+    """Requests/s and latency of /tag per database, text size and concurrency (the default run)."""
     rows = []
     for db in (["sqlite", "postgres"] if args.db == "both" else [args.db]):
-        pg_name = None
-        if db == "sqlite":
-            url = f"sqlite:///{tmp / 'bench.db'}"
-        else:
-            url, pg_name = create_pg_database(args.pg_admin_url)
-        env = {**os.environ, "DATABASE_URL": url}
-        if args.model:
-            env["NER_MODEL"] = args.model
-        subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, cwd=ROOT, capture_output=True)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port), "--workers", str(args.workers), "--log-level", "warning"],
-            env=env, cwd=ROOT, start_new_session=True,
-        )
-        base = f"http://127.0.0.1:{args.port}"
-        try:
-            wait_ready(base)
-            for kind, body in bodies.items():
-                run_wrk(base, str(body), 8, 2)  # warm-up
-                for c in args.concurrency:
-                    r = run_wrk(base, str(body), c, args.seconds)
-                    rows.append({"db": db, "text": kind, "concurrency": c, **r})
-                    print(f"{db:8s} {kind:10s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}", file=sys.stderr)
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
-            if pg_name:
-                drop_pg_database(args.pg_admin_url, pg_name)
+        with contextlib.ExitStack() as stack:
+            url = f"sqlite:///{tmp / 'bench.db'}" if db == "sqlite" else stack.enter_context(fresh_database("ner_bench", args.pg_admin_url))
+            rows += measure(args, db, url, bodies)
 
     print(f"\nPOST /tag, persistence on, `ner serve --workers {args.workers}`, wrk -t1, {args.seconds} s per row\n")
     print("| database | text | concurrency | requests/s | p50 ms | p95 ms | p99 ms | non-2xx |")
@@ -256,8 +206,29 @@ def main() -> int:
         print(f"| {r['db']} | {r['text']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def measure(args, db: str, url: str, bodies: dict[str, Path]) -> list[dict]:
+    """One database: migrate, serve, then wrk for each body and concurrency."""
+    env = {**os.environ, "DATABASE_URL": url}
+    if args.model:
+        env["NER_MODEL"] = args.model
+    subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, cwd=ROOT, capture_output=True)
+    base = f"http://127.0.0.1:{args.port}"
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port), "--workers", str(args.workers), "--log-level", "warning"]
+    server = start_server(cmd, env, base)
+    rows = []
+    try:
+        for kind, body in bodies.items():
+            run_wrk(base, str(body), 8, 2)  # warm-up
+            for c in args.concurrency:
+                r = run_wrk(base, str(body), c, args.seconds)
+                rows.append({"db": db, "text": kind, "concurrency": c, **r})
+                print(f"{db:8s} {kind:10s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}", file=sys.stderr)
+    finally:
+        stop_server(server)
+    return rows
 
 
 if __name__ == "__main__":

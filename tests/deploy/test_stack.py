@@ -18,10 +18,8 @@ import fnmatch
 import json
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +28,7 @@ import pytest
 import yaml
 
 from tests.service.conftest import LiveServer, make_settings
+from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -229,10 +228,11 @@ def exposed_sample_names(exposition: str) -> set:
     return names
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def binary(name: str) -> str:
@@ -555,28 +555,25 @@ class Prometheus:
     def wait_for_scrapes(self, n: int, timeout: float = 30) -> None:
         """Wait until n more scrapes of the app (each successful) are stored."""
         target = self.scrapes() + n
-        deadline = time.monotonic() + timeout
-        while self.scrapes() < target:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Prometheus did not scrape the app {n} times; its log:\n{self.log_tail()}\ntargets: {self.api('targets')}")
-            time.sleep(0.2)
+        wait_until(lambda: self.scrapes() >= target, timeout=timeout, what=f"Prometheus scraping the app {n} times", interval=0.2,
+                   process=self.process, details=lambda: f"its log:\n{self.log_tail()}\ntargets: {self.api('targets')}")
         up = self.query(f'up{{job="{JOB}"}}')
         assert [s["value"][1] for s in up] == ["1"], f"the app target is not up: {up}; targets: {self.api('targets')}"
 
     def wait_for_rule_evaluation(self, timeout: float = 15) -> None:
         """Wait until every rule was evaluated after now (by Prometheus's clock), without error."""
         since = dt.datetime.now(dt.UTC)
-        deadline = time.monotonic() + timeout
-        while True:
-            rules = [r for g in self.api("rules")["groups"] for r in g["rules"]]
-            evaluated = [r for r in rules if parse_time(r["lastEvaluation"]) > since]
-            if rules and len(evaluated) == len(rules):
-                bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
-                assert not bad, f"rules Prometheus could not evaluate: {bad}"
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"rules not evaluated within {timeout}s: {rules}\n{self.log_tail()}")
-            time.sleep(0.2)
+
+        def rules() -> list[dict]:
+            return [r for g in self.api("rules")["groups"] for r in g["rules"]]
+
+        def all_evaluated() -> list[dict]:
+            found = rules()
+            return found if found and all(parse_time(r["lastEvaluation"]) > since for r in found) else []
+
+        evaluated = wait_until(all_evaluated, timeout=timeout, what="every rule evaluated", interval=0.2, details=lambda: f"{rules()}\n{self.log_tail()}")
+        bad = [(r["name"], r.get("lastError")) for r in evaluated if r["health"] != "ok"]
+        assert not bad, f"rules Prometheus could not evaluate: {bad}"
 
     def alerts(self) -> list[dict]:
         return self.api("alerts")["alerts"]
@@ -632,16 +629,8 @@ def prometheus(live_app, tmp_path_factory, request) -> Prometheus:
 
     request.addfinalizer(stop)
     prom = Prometheus(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"Prometheus did not start (exit code {process.poll()}); its log:\n{prom.log_tail()}")
-        time.sleep(0.2)
+    wait_until(lambda: _answers_200(f"{prom.url}/-/ready"), timeout=30, what="Prometheus starting", interval=0.2, process=process,
+               details=lambda: f"its log:\n{prom.log_tail()}")
     prom.wait_for_scrapes(2)
     send_traffic(live_app.url)  # counters move between scrapes: rates are not zero
     prom.wait_for_scrapes(2)
@@ -699,14 +688,11 @@ def test_alerts_are_quiet_while_healthy_and_fire_when_a_correction_is_not_stored
     finally:
         with sqlite3.connect(live_app.db_path) as conn:
             conn.execute("ALTER TABLE annotations_away RENAME TO annotations")
-    deadline = time.monotonic() + 20
-    while True:
+    def firing_alerts() -> dict:
         firing = {a["labels"]["alertname"]: a for a in prometheus.alerts() if a["state"] == "firing"}
-        if "NerFeedbackNotStored" in firing:
-            break
-        if time.monotonic() > deadline:
-            pytest.fail(f"NerFeedbackNotStored did not fire; alerts: {prometheus.alerts()}")
-        time.sleep(0.2)
+        return firing if "NerFeedbackNotStored" in firing else {}
+
+    firing = wait_until(firing_alerts, timeout=20, what="NerFeedbackNotStored firing", interval=0.2, details=lambda: f"alerts: {prometheus.alerts()}")
     alert = firing["NerFeedbackNotStored"]
     assert alert["labels"]["severity"] == "critical"
     assert float(alert["value"]) > 0

@@ -3,44 +3,14 @@ PostgreSQL server at 127.0.0.1:5432), with the small model trained once per run.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import subprocess
 import threading
-import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-PG_ADMIN_URL = os.environ.get("NER_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-def pg_available() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5432), timeout=1):
-        return True
-    return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, server: subprocess.Popen, timeout: float = 90) -> None:
-    """Until ``base``/readyz answers 200; fails if ``server`` exits or the time runs out."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and server.poll() is None, "ner serve did not become ready"
-        time.sleep(0.3)
+# wait_ready: tests import it from here too
+from tests.support import PG_ADMIN_URL, free_port, fresh_database, pg_available, wait_ready, wait_until  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -60,24 +30,6 @@ def fresh_pg_url() -> Iterator[str]:
         pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
     with fresh_database("ner_fresh") as url:
         yield url
-
-
-@contextlib.contextmanager
-def fresh_database(prefix: str) -> Iterator[str]:
-    """Create a new database on the PostgreSQL server, yield its URL, drop it afterwards."""
-    from sqlalchemy import create_engine, text
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def make_settings(database_url: str, model_dir, **overrides):
@@ -131,20 +83,14 @@ class LiveServer:
 
         from service.main import create_app
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the live server did not start")
-            time.sleep(0.05)
+        wait_until(lambda: self.server.started, timeout=60, what="the live server starting", process=self.thread)
         return self
 
     def __exit__(self, *exc) -> None:

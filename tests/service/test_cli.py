@@ -14,7 +14,8 @@ import httpx
 import pytest
 import torch
 
-from tests.service.conftest import free_port, make_settings, running_app, wait_ready
+from tests.service.conftest import make_settings, running_app
+from tests.support import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 

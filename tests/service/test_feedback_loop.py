@@ -16,6 +16,7 @@ from ml.data.conll import write_conll
 from service.store.session import upgrade
 from tests.conftest import SMALL_MODEL
 from tests.service.conftest import LiveServer, make_settings
+from tests.support import wait_until
 from tests.synthetic import synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,9 +147,4 @@ def test_workers_follow_the_version_activated_in_the_database(tmp_path, small_mo
             row = repositories.register_model(session, name="small", version="1.0.1", path=str(v2), metrics={}, lineage={})
             repositories.activate_model(session, model_id=row.id)
         engine.dispose()
-        import time
-
-        deadline = time.monotonic() + 20
-        while c.get("/model").json()["version"] != "1.0.1":
-            assert time.monotonic() < deadline, "the worker did not follow the database's active version"
-            time.sleep(0.1)
+        wait_until(lambda: c.get("/model").json()["version"] == "1.0.1", timeout=20, what="the worker following the database's active version", interval=0.1)

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import pytest
 
 from service.store.session import upgrade
 from tests.service.conftest import LiveServer, make_settings
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = {"X-Admin-Key": "b" * 24}
@@ -40,14 +40,10 @@ def start_worker(db_url: str, models_dir: Path, log: Path, *args: str) -> subpro
 
 
 def wait_for(predicate, timeout: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}" + (f"; worker log:\n{log.read_text()[-3000:]}" if log and log.exists() else ""))
-        time.sleep(0.05)
+    def worker_log() -> str:
+        return f"worker log:\n{log.read_text()[-3000:]}" if log is not None and log.exists() else "(no worker log)"
+
+    return wait_until(predicate, timeout=timeout, what=what, details=worker_log)
 
 
 def post_corrections(c: httpx.Client) -> int:

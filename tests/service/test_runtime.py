@@ -10,6 +10,7 @@ import pytest
 
 from service.store.session import upgrade
 from tests.service.conftest import LiveServer, TcpProxy, make_settings
+from tests.support import create_database, drop_database
 
 SENTENCES = ["Anna Berg visited Paris .", "Tom works for Globex in Oslo .", "Initech hired Olga yesterday .", "Chen Wei and Tom met ."]
 
@@ -106,14 +107,7 @@ def test_migrations_upgrade_downgrade_upgrade_and_match_the_orm(pg_server_url):
     from service.store.tables import Base
 
     # a database of its own: the shared test database is in use by other tests
-    base = pg_server_url.rsplit("/", 1)[0]
-    from sqlalchemy import text
-
-    admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
-    name = pg_server_url.rsplit("/", 1)[1] + "_mig"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"{base}/{name}"
+    url = create_database("ner_mig")
     engine = create_engine(url)
     try:
         assert database_revision(engine) is None
@@ -130,9 +124,7 @@ def test_migrations_upgrade_downgrade_upgrade_and_match_the_orm(pg_server_url):
         assert database_revision(engine) == code_revision()
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        drop_database(url)
 
 
 def test_sqlite_migrations_match_the_orm(tmp_path):

@@ -12,26 +12,20 @@ from pathlib import Path
 import pytest
 
 from service.logthrottle import ThrottledLog
-from tests.service.conftest import PG_ADMIN_URL, make_settings, running_app
+from tests.service.conftest import make_settings, running_app
+from tests.support import fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.postgres
 def test_train_annotations_from_never_prints_the_password(pg_server_url, tmp_path):
-    from sqlalchemy import create_engine, text
-
     from service.store.session import upgrade
 
-    base = pg_server_url.rsplit("/", 1)[0]
-    name = pg_server_url.rsplit("/", 1)[1] + "_pw"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        upgrade(f"{base}/{name}")
+    with fresh_database("ner_pw") as url:
+        upgrade(url)
         # trust authentication accepts any password: the URL carries one as a real deployment's would
-        secret_url = f"{base}/{name}".replace("postgres@", "postgres:S3cretPassw0rdXYZ@")
+        secret_url = url.replace("postgres@", "postgres:S3cretPassw0rdXYZ@")
         assert "S3cretPassw0rdXYZ" in secret_url
         out = subprocess.run(
             [sys.executable, "-m", "service.cli", "train", "--annotations-from", secret_url, "--out", str(tmp_path / "m")],
@@ -40,11 +34,6 @@ def test_train_annotations_from_never_prints_the_password(pg_server_url, tmp_pat
         assert out.returncode == 2 and "no stored corrections" in out.stderr
         assert "S3cretPassw0rdXYZ" not in out.stdout + out.stderr
         assert "***" in out.stderr
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def test_sql_errors_never_log_users_texts(sqlite_url, small_model_dir, caplog):

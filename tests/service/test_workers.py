@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.serving import supervisor
-from tests.service.conftest import free_port, wait_ready
+from tests.support import free_port, wait_ready, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,16 +114,11 @@ def test_connections_are_spread_over_workers_and_a_dead_worker_is_replaced(tmp_p
         before = _children(server.pid)
         victim = max(before)
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not _children(server.pid) - before:
-            assert time.monotonic() < deadline and server.poll() is None, "the dead worker was not replaced"
-            time.sleep(0.3)
+        wait_until(lambda: _children(server.pid) - before, timeout=60, what="the dead worker being replaced", interval=0.3, process=server)
         # the other worker answers meanwhile, and the replacement takes its share once it has started
         assert httpx.post(base + "/tag", json={"text": "Tom visited Oslo ."}, timeout=30).status_code == 200
-        deadline = time.monotonic() + 60
-        while len(spread := _spread(port, server.pid)) < 2:
-            assert time.monotonic() < deadline, "the replacement worker never accepted a connection"
-            time.sleep(0.5)
+        spread = wait_until(lambda: (s if len(s := _spread(port, server.pid)) >= 2 else None), timeout=60,
+                            what="the replacement worker accepting a connection", interval=0.5)
         assert sum(spread) == 32 and spread[0] >= 4, f"connections per worker after the restart: {spread}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
