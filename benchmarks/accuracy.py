@@ -152,7 +152,7 @@ def summary(rows: list) -> None:
     print(f"| mean ± sd, {len(rows)} seeds | " + " | ".join(cells) + " |")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder with train.txt, dev.txt, test.orig.txt, test.txt")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
@@ -162,7 +162,7 @@ def main() -> int:
     a = sub.add_parser("ablations", help="one run per ablation on a shorter schedule")
     a.add_argument("--epochs", type=int, default=8)
     a.add_argument("--only", nargs="+", help="run only these ablation names")
-    r = sub.add_parser("recipe", help="the recipe search of issue 11 (native recurrence, seed 1, short schedule)")
+    r = sub.add_parser("recipe", help="the recipe search (native recurrence, seed 1, short schedule)")
     r.add_argument("--epochs", type=int, default=8)
     r.add_argument("--only", nargs="+", help="run only these recipe names")
     f = sub.add_parser("final", help="the shipped recipe (configs/en-conll03.toml): train+dev fit and train-only fit, per seed")
@@ -171,61 +171,90 @@ def main() -> int:
     sub.add_parser("table", help="print the tables of finished runs")
     sc = sub.add_parser("score", help="print the scores of one model folder as JSON")
     sc.add_argument("model", type=Path)
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    return p
 
-    if args.what == "score":
-        print(json.dumps(score(args.model, args.data)))
-        return 0
-    if args.what == "seeds":
-        for seed in args.seeds:
-            run_one(f"shipped config, seed {seed}", [f"train.seed={seed}", "train.fit_dev=false"], args.data, args.out, None)
-    elif args.what == "ablations":
-        for name, (_, overrides) in ABLATIONS.items():
-            if args.only and name not in args.only:
-                continue
-            base = ["model.backend='script'", "train.pretrained_max_words=100000", "train.fit_dev=false", "train.average_last=0"]  # 1.0.0's configuration
+
+def run_seeds(args: argparse.Namespace) -> None:
+    for seed in args.seeds:
+        run_one(f"shipped config, seed {seed}", [f"train.seed={seed}", "train.fit_dev=false"], args.data, args.out, None)
+
+
+def run_ablations(args: argparse.Namespace) -> None:
+    base = ["model.backend='script'", "train.pretrained_max_words=100000", "train.fit_dev=false", "train.average_last=0"]  # 1.0.0's configuration
+    for name, (_, overrides) in ABLATIONS.items():
+        if not args.only or name in args.only:
             run_one(f"ablation: {name}", [*base, *overrides, "train.seed=1"], args.data, args.out, args.epochs)
 
-    elif args.what == "final":
-        for seed in args.seeds:
-            for fit in args.fits:
-                run_one(f"final {fit}, seed {seed}", [f"train.seed={seed}", f"train.fit_dev={'true' if fit == 'train+dev' else 'false'}"], args.data, args.out, None)
-    elif args.what == "recipe":
-        for name, (_, overrides) in RECIPE.items():
-            if args.only and name not in args.only:
-                continue
+
+def run_final(args: argparse.Namespace) -> None:
+    for seed in args.seeds:
+        for fit in args.fits:
+            run_one(f"final {fit}, seed {seed}", [f"train.seed={seed}", f"train.fit_dev={'true' if fit == 'train+dev' else 'false'}"], args.data, args.out, None)
+
+
+def run_recipe(args: argparse.Namespace) -> None:
+    for name, (_, overrides) in RECIPE.items():
+        if not args.only or name in args.only:
             run_one(f"recipe: {name}", SEARCH_BASE + overrides, args.data, args.out, args.epochs)
 
-    results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
-    seeds = [r for r in results if r["name"].startswith("shipped config")]
-    ablations = {r["name"][len("ablation: "):]: r for r in results if r["name"].startswith("ablation: ")}
+
+RUNS = {"seeds": run_seeds, "ablations": run_ablations, "final": run_final, "recipe": run_recipe, "table": lambda args: None}
+
+
+def report_final(final: list[dict]) -> None:
+    print_table(sorted(final, key=lambda r: r["name"]), "Shipped recipe (configs/en-conll03.toml); the train+dev rows trained on dev, so their dev F1 is not a measurement")
+    for fit in ("train+dev", "train-only"):
+        rows = [r for r in final if r["name"].startswith(f"final {fit},")]
+        if len(rows) > 1:
+            summary(rows)
+
+
+def report_recipe(recipe: dict[str, dict]) -> None:
+    rows = [dict(recipe[n], name=f"{n}: {RECIPE[n][0]}") for n in RECIPE if n in recipe]
+    print_table(rows, f"Recipe search, {'/'.join(str(e) for e in {r['epochs'] for r in rows})} epochs each, seed 1, native recurrence in training")
+    if "reference" not in recipe and "all GloVe words" not in recipe:
+        return
+    print("\n| change | against | Δ dev | Δ test (original) | Δ CoNLL++ | Δ WikiGold |\n|---|---|---|---|---|---|")
+    for n in RECIPE:
+        against = "all GloVe words" if n.startswith("all words + ") else "reference"
+        if n != "reference" and n in recipe and against in recipe and recipe[n]["epochs"] == recipe[against]["epochs"]:
+            r, ref = recipe[n], recipe[against]
+            d = [100 * (r[k] - ref[k]) if r.get(k) is not None and ref.get(k) is not None else None for k in ("dev", "test_orig", "test_conllpp", "wikigold")]
+            print(f"| {n} | {against} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
+
+
+def report_ablations(ablations: dict[str, dict]) -> None:
+    rows = [dict(ablations[n], name=f"{n}: {ABLATIONS[n][0]}") for n in ABLATIONS if n in ablations]
+    epochs = {r["epochs"] for r in rows}
+    print_table(rows, f"Ablations, {'/'.join(str(e) for e in epochs)} epochs each (shorter than the shipped schedule), seed 1")
+
+
+def report(out: Path) -> None:
+    """The tables of every finished run under ``out``."""
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
     final = [r for r in results if r["name"].startswith("final ")]
     if final:
-        print_table(sorted(final, key=lambda r: r["name"]), "Shipped recipe (configs/en-conll03.toml); the train+dev rows trained on dev, so their dev F1 is not a measurement")
-        for fit in ("train+dev", "train-only"):
-            rows = [r for r in final if r["name"].startswith(f"final {fit},")]
-            if len(rows) > 1:
-                summary(rows)
+        report_final(final)
+    seeds = [r for r in results if r["name"].startswith("shipped config")]
     if seeds:
         print_table(seeds, "Shipped configuration (configs/en-conll03.toml), full schedule")
         summary(seeds)
     recipe = {r["name"][len("recipe: "):]: r for r in results if r["name"].startswith("recipe: ")}
     if recipe:
-        rows = [dict(recipe[n], name=f"{n}: {RECIPE[n][0]}") for n in RECIPE if n in recipe]
-        print_table(rows, f"Recipe search, {'/'.join(str(e) for e in {r['epochs'] for r in rows})} epochs each, seed 1, native recurrence in training")
-        if "reference" in recipe or "all GloVe words" in recipe:
-            print("\n| change | against | Δ dev | Δ test (original) | Δ CoNLL++ | Δ WikiGold |\n|---|---|---|---|---|---|")
-            for n in RECIPE:
-                against = "all GloVe words" if n.startswith("all words + ") else "reference"
-                if n != "reference" and n in recipe and against in recipe and recipe[n]["epochs"] == recipe[against]["epochs"]:
-                    r, ref = recipe[n], recipe[against]
-                    d = [100 * (r[k] - ref[k]) if r.get(k) is not None and ref.get(k) is not None else None for k in ("dev", "test_orig", "test_conllpp", "wikigold")]
-                    print(f"| {n} | {against} | " + " | ".join("" if x is None else f"{x:+.2f}" for x in d) + " |")
+        report_recipe(recipe)
+    ablations = {r["name"][len("ablation: "):]: r for r in results if r["name"].startswith("ablation: ")}
     if ablations:
-        rows = [dict(ablations[n], name=f"{n}: {ABLATIONS[n][0]}") for n in ABLATIONS if n in ablations]
-        epochs = {r["epochs"] for r in rows}
-        print_table(rows, f"Ablations, {'/'.join(str(e) for e in epochs)} epochs each (shorter than the shipped schedule), seed 1")
+        report_ablations(ablations)
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "score":
+        print(json.dumps(score(args.model, args.data)))
+        return 0
+    RUNS[args.what](args)
+    report(args.out)
     return 0
 
 
