@@ -77,7 +77,17 @@ class Settings(BaseSettings):
     extra_labels: Annotated[list[str], NoDecode] = Field(default_factory=list, description="labels accepted in feedback besides the model's")
 
     # model versions
-    model_poll_s: float = Field(2.0, description="how often each worker checks the database for a newly activated model; 0 = never")
+    model_poll_s: float = Field(2.0, description="how often each worker checks the database for a newly activated model and a new rule set version; 0 = never")
+
+    # what /tag answers (docs/rules.md): deployment defaults of the request's min_score and labels
+    tag_min_score: float = Field(0.0, description="entities scoring lower are left out of /tag answers unless the request sets min_score (0 to 1; a rule's entity scores 1)")
+    tag_labels: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated labels /tag answers unless the request sets labels; empty = all")
+
+    # entity rules (docs/rules.md)
+    rules_max: int = Field(200_000, description="rules in one rule set")
+    rules_max_patterns: int = Field(1000, description="token patterns in one rule set (they cost more per token than phrases)")
+    rule_max_chars: int = Field(200, description="characters of a rule's phrase, or of its token pattern as JSON")
+    rules_max_body_bytes: int = Field(64 * 1024 * 1024, description="request bodies under /admin/rules (imports, bulk replaces) may be this large; MAX_BODY_BYTES elsewhere")
 
     # retraining jobs (run by `ner worker`, never by the API)
     finetune: dict[str, Any] = Field(default_factory=dict, description='fine-tuning settings as JSON, e.g. {"epochs": 6, "l2_to_base": 0.01} (ml/finetune.py FinetuneConfig)')
@@ -91,7 +101,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, description="a job whose worker died this many times is failed")
     worker_poll_s: float = Field(5.0, description="how often an idle trainer looks for a job")
 
-    @field_validator("api_keys", "extra_labels", "allowed_hosts", mode="before")
+    @field_validator("api_keys", "extra_labels", "allowed_hosts", "tag_labels", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -145,6 +155,11 @@ class Settings(BaseSettings):
             raise ValueError("IDEMPOTENCY_TTL_HOURS must be positive")
         if self.body_timeout_s <= 0:
             raise ValueError("BODY_TIMEOUT_S must be positive")
+        if not 0.0 <= self.tag_min_score <= 1.0:
+            raise ValueError(f"TAG_MIN_SCORE must lie between 0 and 1, not {self.tag_min_score}")
+        for name in ("rules_max", "rules_max_patterns", "rule_max_chars", "rules_max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be at least 1")
         return self
 
     @functools.cached_property

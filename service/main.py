@@ -17,12 +17,13 @@ from service.api import error_handlers, openapi
 from service.api.deps import require_probe_key
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.routes import annotations as annotation_routes
-from service.api.routes import documents, feedback, health, jobs, models, tag
+from service.api.routes import documents, feedback, health, jobs, models, rules, tag
 from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.serving.engine import TaggingEngine
 from service.serving.model import ServedModel
 from service.serving.registry import follow_active, initial_model
+from service.serving.rules import follow_rules, initial_rules
 from service.serving.runtime import Runtime
 from service.serving.tagging import prediction_writer
 from service.store.session import check_schema, make_engine, make_sessionmaker, upgrade
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(check_schema, engine)
         sessions = make_sessionmaker(engine)
         model = await asyncio.to_thread(_initial_model, config, sessions)
-        tagging = TaggingEngine(model, config).start()
+        tagging = TaggingEngine(model, config, await asyncio.to_thread(_initial_rules, config, sessions, model)).start()
         # predictions have their own engine: without PREDICTIONS_FSYNC their commits skip the disk
         # wait (docs/configuration.md, PREDICTIONS_FSYNC): at concurrency 1 that wait was a third to a half of a
         # one-sentence request's time (docs/benchmarks/history.md, Speed)
@@ -61,12 +62,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # reach: full collections then scan only per-request objects (shorter pauses, lower p99)
         gc.collect()
         gc.freeze()
-        poller = asyncio.create_task(follow_active(tagging, sessions, config.model_poll_s)) if config.model_poll_s > 0 else None
+        # every worker follows the active model version and the newest rule set version
+        pollers = [asyncio.create_task(f(tagging, sessions, config.model_poll_s)) for f in (follow_active, follow_rules)] if config.model_poll_s > 0 else []
         log.info("serving %s %s; database %s", model.name, model.version, engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
-            if poller is not None:
+            for poller in pollers:
                 poller.cancel()
             tagging.close()
             writer.close()
@@ -87,10 +89,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     error_handlers.install(app)
     app.include_router(annotate_page)
-    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, jobs.router, health.router):
+    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, rules.router, jobs.router, health.router):
         app.include_router(router)
     openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s, larger={"/admin/rules": config.rules_max_body_bytes})
     app.add_middleware(security.TrustedHost, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
     app.add_middleware(RequestMetrics)
     return app
@@ -100,3 +102,8 @@ def _initial_model(config: Settings, sessions: sessionmaker[Session]) -> ServedM
     # start-up runs outside any request: the lifespan opens this one session itself
     with sessions() as session:
         return initial_model(config, session)
+
+
+def _initial_rules(config: Settings, sessions: sessionmaker[Session], model: ServedModel):
+    with sessions() as session:
+        return initial_rules(config, session, model)

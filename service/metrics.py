@@ -23,7 +23,15 @@ QUEUE_CAPACITY = Gauge("ner_queue_capacity", "Texts the queue holds before /tag 
 QUEUE_REJECTED = Counter("ner_queue_rejected_total", "Texts refused because the queue was full")
 
 TOKENS = Counter("ner_tokens_tagged_total", "Tokens tagged")
-ENTITIES = Counter("ner_entities_tagged_total", "Entities found", ["label"])
+ENTITIES = Counter("ner_entities_tagged_total", "Entities found, by label and source (model or rule)", ["label", "source"])
+RULE_MATCHES = Counter(
+    "ner_rule_matches_total", "Entity rule matches, by label and what became of them: applied, or skipped (fill mode: the model found something there)",
+    ["label", "result"],
+)
+RULE_REPLACED = Counter("ner_rule_replaced_model_entities_total", "Model entities a rule match replaced (override mode), by the model's label", ["label"])
+RULE_SET_VERSION = Gauge("ner_rule_set_version", "The entity rule set version this worker applies (0: none)", multiprocess_mode="liveall")
+RULES_LOADED = Gauge("ner_rules", "Rules in the rule set this worker applies", multiprocess_mode="liveall")
+RULES_LOAD_SECONDS = Histogram("ner_rule_set_load_seconds", "Time to compile a rule set (tokenizing its phrases)", buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
 PREDICTIONS_STORED = Counter("ner_predictions_stored_total", "Predictions written to the database")
 PREDICTIONS_NOT_STORED = Counter("ner_predictions_not_stored_total", "Predictions answered without being stored (database unavailable)")
 

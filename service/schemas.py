@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from pydantic.json_schema import JsonDict
@@ -37,6 +37,14 @@ class TagRequest(Strict):
     texts: list[StrictStr] | None = Field(None, description="several texts; answered with {results: [...]}")
     include_tokens: StrictBool = False
     store: StrictBool = Field(True, description="false: tag without persisting")
+    min_score: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="leave out entities scoring lower (default: TAG_MIN_SCORE); a rule's entity scores 1; stored predictions keep every entity",
+    )
+    labels: list[StrictStr] | None = Field(
+        None, min_length=1, max_length=100,
+        description="answer only entities of these labels (default: TAG_LABELS, else all); a label neither the model nor EXTRA_LABELS has is a 422",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TagRequest:
@@ -57,7 +65,9 @@ class EntityOut(BaseModel):
     end: int
     label: str
     text: str
-    score: float
+    score: float = Field(description="the model's mean tag probability over the entity; 1 for an entity a rule made")
+    source: Literal["model", "rule"] = Field(description="the model, or an entity rule (docs/rules.md)")
+    rule_id: int | None = Field(description="the rule that made it (GET /admin/rules); null for the model's")
 
 
 class TokenOut(BaseModel):
@@ -86,7 +96,10 @@ class TextResultsOut(BaseModel):
 
 def entities_json(result: TextResult) -> list[dict]:
     """``EntityOut`` of every entity of a tagged text (also what is stored with the prediction)."""
-    return [{"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6)} for e in result.entities]
+    return [
+        {"start": e.start, "end": e.end, "label": e.label, "text": e.text, "score": round(e.score, 6), "source": e.source, "rule_id": e.rule_id}
+        for e in result.entities
+    ]
 
 
 def text_result_json(prediction_id: uuid.UUID | None, model_name: str, model_version: str, entities: list[dict], tokens_of: TextResult | None) -> dict:
@@ -105,6 +118,8 @@ class EntityIn(Strict):
     label: StrictStr = Field(min_length=1, max_length=50)
     text: StrictStr | None = Field(None, description="optional; must equal the text between start and end")
     score: float | None = Field(None, description="ignored; accepted so predicted entities can be sent back as they came")
+    source: Literal["model", "rule"] | None = Field(None, description="ignored, as score")
+    rule_id: StrictInt | None = Field(None, description="ignored, as score")
 
 
 class FeedbackRequest(Strict):

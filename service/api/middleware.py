@@ -41,17 +41,20 @@ class BodyLimit:
     408 when the whole body has not arrived ``timeout_s`` after the request started (a client that
     trickles or never finishes its body would otherwise hold the connection and a task forever)."""
 
-    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0, larger: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.larger = larger or {}  # path prefix -> its own limit (rule imports: RULES_MAX_BODY_BYTES)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        limit = next((n for prefix, n in self.larger.items() if path == prefix or path.startswith(prefix + "/")), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(send, limit)
         chunks, size = [], 0
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -63,8 +66,8 @@ class BodyLimit:
                 return None
             body = message.get("body", b"")
             size += len(body)
-            if size > self.max_bytes:
-                return await self._reject(send)
+            if size > limit:
+                return await self._reject(send, limit)
             chunks.append(body)
             if not message.get("more_body", False):
                 break
@@ -81,8 +84,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
         return None
 
-    async def _reject(self, send):
-        return await self._send_error(send, 413, "too_large", f"the request body is larger than {self.max_bytes} bytes")
+    async def _reject(self, send, limit: int):
+        return await self._send_error(send, 413, "too_large", f"the request body is larger than {limit} bytes")
 
     @staticmethod
     async def _send_error(send, status: int, code: str, message: str):

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ml.pipeline import TextResult
+from ml.rules import RuleSet
 from service import metrics
 from service.config import Settings
 from service.serving.batching import MicroBatcher
@@ -26,17 +28,20 @@ def set_thread_torch_threads(n: int) -> None:
 
 
 class TaggingEngine:
-    """Owns the served model and the inference batchers. ``switch`` replaces the model between two
-    batches: a batch always runs on one model, and a request in flight is never failed by it.
+    """Owns the served model, the entity rules applied after it, and the inference batchers.
+    ``switch`` and ``set_rules`` replace them between two batches: a batch always runs on one model
+    and one rule set, and a request in flight is never failed by either.
 
     Two lanes, each a batcher with its own thread: requests of at most SMALL_REQUEST_CHARS
     characters in all, and the others. A one-sentence request then never waits behind a batch of
     100,000-character texts (torch and the chunked tokenizer let the two threads share the CPU);
     both queues are bounded by characters (QUEUE_MAX_CHARS) as well as texts."""
 
-    def __init__(self, model: ServedModel, settings: Settings):
+    def __init__(self, model: ServedModel, settings: Settings, rules: RuleSet | None = None):
         self.model = model
         self.settings = settings
+        self.rules = rules if rules is not None else RuleSet([], tokenize=str.split)
+        self._rules_info(self.rules)
 
         def lane(name: str) -> MicroBatcher[str, ServedResult]:
             return MicroBatcher(
@@ -70,20 +75,43 @@ class TaggingEngine:
         log.info("now serving %s %s (was %s %s)", model.name, model.version, old.name, old.version)
         return old
 
+    def set_rules(self, rules: RuleSet) -> RuleSet:
+        old, self.rules = self.rules, rules  # one reference assignment, read once per batch
+        self._rules_info(rules)
+        log.info("now applying rule set version %s (%d rules, %s; was version %s)", rules.version, len(rules), rules.mode, old.version)
+        return old
+
+    @staticmethod
+    def _rules_info(rules: RuleSet) -> None:
+        metrics.RULE_SET_VERSION.set(rules.version or 0)
+        metrics.RULES_LOADED.set(len(rules))
+
     def _process(self, texts: list[str]) -> list[ServedResult]:
-        model = self.model
+        model, rules = self.model, self.rules
         started = time.perf_counter()
-        results = model.tagger.tag(texts)
+        results = model.tagger.tag(texts, rules=rules)
         seconds = time.perf_counter() - started
         metrics.BATCH_SIZE.observe(len(texts))
         metrics.INFERENCE_LATENCY.observe(seconds)
         metrics.BATCH_SENTENCES.observe(sum(r.sentences for r in results))
         metrics.TOKENS.inc(sum(len(r.tokens) for r in results))
         for r in results:
-            for e in r.entities:
-                metrics.ENTITIES.labels(label=e.label).inc()
+            _count(r)
         return [ServedResult(r, model) for r in results]
 
     async def tag(self, texts: Sequence[str]) -> list[ServedResult]:
         small = sum(len(t) for t in texts) <= self.settings.small_request_chars
         return await (self.small if small else self.batcher).submit(list(texts))
+
+
+def _count(result: TextResult) -> None:
+    for e in result.entities:
+        metrics.ENTITIES.labels(label=e.label, source=e.source).inc()
+    if result.rules is not None:
+        for f in result.rules.entities:
+            if f.source == "rule":
+                metrics.RULE_MATCHES.labels(label=f.label, result="applied").inc()
+        for f in result.rules.skipped:
+            metrics.RULE_MATCHES.labels(label=f.label, result="skipped").inc()
+        for f in result.rules.replaced:
+            metrics.RULE_REPLACED.labels(label=f.label).inc()

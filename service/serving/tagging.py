@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ml.pipeline import TextResult
+from ml.rules import EntityFilter
 from service import metrics, schemas
 from service.config import Settings
 from service.errors import ApiError
@@ -18,6 +19,7 @@ from service.logthrottle import ThrottledLog
 from service.serving.batching import BatcherClosed, MicroBatcher, QueueFull
 from service.serving.engine import TaggingEngine
 from service.serving.model import ServedResult
+from service.serving.rules import rule_labels
 from service.store.repositories import PredictionRecord
 from service.store.tables import new_ids
 from service.store.writer import batch_writer
@@ -69,14 +71,19 @@ async def tag_texts(
     engine: TaggingEngine,
     writer: PredictionWriter,
     settings: Settings,
+    min_score: float | None = None,
+    labels: list[str] | None = None,
 ) -> list[dict]:
     """The /tag flow: check the texts, tag them in the shared batch, store them (best effort: when
     the database fails the results still go out, marked not stored). Returns one result per text in
-    the wire shape (``schemas.text_result_json``); ``one_text`` names errors after ``text``, not ``texts[i]``."""
+    the wire shape (``schemas.text_result_json``); ``one_text`` names errors after ``text``, not ``texts[i]``.
+    ``min_score`` and ``labels`` (default: TAG_MIN_SCORE, TAG_LABELS) filter the answer; every
+    entity is stored."""
     if len(texts) > settings.max_batch_texts:
         raise ApiError(422, "too_many_texts", f"{len(texts)} texts in one request; the limit is {settings.max_batch_texts}")
     for index, text in enumerate(texts):
         check_text(text, "text" if one_text else f"texts[{index}]", settings)
+    keep = entity_filter(min_score, labels, engine, settings)
 
     started = time.perf_counter()
     try:
@@ -92,11 +99,24 @@ async def tag_texts(
     ids = new_ids(len(texts))
     entities = [schemas.entities_json(s.result) for s in served]
     stored = store and await _store(writer, ids, texts, served, entities, latency_ms)
+    if keep.active:
+        entities = [[e for e in ents if keep.keep(e["label"], e["score"])] for ents in entities]
     return [
         schemas.text_result_json(prediction_id if stored else None, s.model.name, s.model.version, ents,
                                  s.result if include_tokens else None)
         for prediction_id, s, ents in zip(ids, served, entities, strict=True)
     ]
+
+
+def entity_filter(min_score: float | None, labels: list[str] | None, engine: TaggingEngine, settings: Settings) -> EntityFilter:
+    """The request's filter over the deployment's defaults; a label neither the model nor
+    EXTRA_LABELS has is a 422 naming it (the score's range is checked by the request schema)."""
+    score = settings.tag_min_score if min_score is None else min_score
+    chosen = labels if labels is not None else (settings.tag_labels or None)
+    try:
+        return EntityFilter.of(score, chosen, rule_labels(engine.model, settings))
+    except ValueError as e:
+        raise ApiError(422, "unknown_label", f"labels: {e}") from None
 
 
 async def _store(writer: PredictionWriter, ids: list, texts: list[str], served: list[ServedResult], entities: list[list[dict]], latency_ms: float) -> bool:

@@ -129,3 +129,42 @@ class TrainingJob(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RuleSetVersion(Base):
+    """A version of the entity rules (ml.rules); every change makes a new one, and the newest is the
+    one served. ``parent`` is the version it was made from (0 for the first): unique, so two changes
+    made from the same version at once cannot both be stored (the second is told to retry)."""
+
+    __tablename__ = "rule_sets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # the version number
+    parent: Mapped[int] = mapped_column(Integer, unique=True)
+    mode: Mapped[str] = mapped_column(String(10))  # override | fill
+    action: Mapped[str] = mapped_column(String(20))  # add | remove | replace | import | mode | rollback
+    rule_count: Mapped[int] = mapped_column(Integer)
+    author: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    note: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EntityRule(Base):
+    """One rule; never changed once stored. A version holds its rules through ``rule_set_rules``, so
+    a rule keeps its id in every version that has it."""
+
+    __tablename__ = "rules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    label: Mapped[str] = mapped_column(String(50))
+    phrase: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pattern: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    case_sensitive: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    author: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # the version that added it: its members are found by this column right after the insert
+    added_in: Mapped[int] = mapped_column(ForeignKey("rule_sets.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RuleSetMember(Base):
+    __tablename__ = "rule_set_rules"
+    rule_set_id: Mapped[int] = mapped_column(ForeignKey("rule_sets.id", ondelete="CASCADE"), primary_key=True)
+    rule_id: Mapped[int] = mapped_column(ForeignKey("rules.id", ondelete="CASCADE"), primary_key=True, index=True)

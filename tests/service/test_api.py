@@ -173,7 +173,7 @@ def test_model_health_ready_and_metrics(api):
     text = api.get("/metrics").text
     assert 'ner_http_requests_total{method="POST",route="/tag",status="200"}' in text
     assert 'ner_model_info{name="small",version="1.0.0"} 1.0' in text
-    assert 'ner_entities_tagged_total{label="PER"}' in text
+    assert 'ner_entities_tagged_total{label="PER",source="model"}' in text
 
 
 BAD_INPUTS = [

@@ -51,7 +51,7 @@ def test_routes_take_sessions_from_the_dependency():
     assert offenders == []
 
 
-REPOSITORIES = {"service/store/repositories.py", "service/store/training_jobs.py"}
+REPOSITORIES = {"service/store/repositories.py", "service/store/training_jobs.py", "service/store/rules.py"}
 
 
 def test_only_repositories_commit():

@@ -17,6 +17,6 @@ async def tag(body: TagRequest, runtime: RuntimeDep) -> JSONResponse:
     texts: list[str] = [body.text] if body.text is not None else list(body.texts or [])
     results = await tag_texts(
         texts, one_text=one_text, store=body.store, include_tokens=body.include_tokens,
-        engine=runtime.tagging, writer=runtime.writer, settings=runtime.settings,
+        engine=runtime.tagging, writer=runtime.writer, settings=runtime.settings, min_score=body.min_score, labels=body.labels,
     )
     return JSONResponse(results[0] if one_text else {"results": results})
