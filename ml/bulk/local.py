@@ -8,6 +8,7 @@ A worker that dies (killed, out of memory) stops the job with an error; the shar
 are kept, and running the same command again resumes."""
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import signal
 from collections.abc import Sequence
@@ -57,10 +58,14 @@ def run_local(job: BulkJob, pending: Sequence[ShardSpec], workers: int, progress
         return results
     context = multiprocessing.get_context("fork")
     _worker, _counters = worker, context.Array("q", 2)
+    # the loaded objects out of the garbage collector's reach: its passes would write to every
+    # object's header in each worker, copying the pages the workers otherwise share
+    gc.freeze()
     try:
         return _run_pool(pending, workers, context, progress)
     finally:
         _worker = _counters = None
+        gc.unfreeze()
 
 
 def _run_pool(pending: Sequence[ShardSpec], workers: int, context: Any, progress: Progress) -> list[ShardResult]:

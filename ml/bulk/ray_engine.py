@@ -69,7 +69,6 @@ def _connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines beside the job's progress
     return True
 
 
@@ -78,6 +77,7 @@ def _round(job: BulkJob, shards: Sequence[ShardSpec], workers: int | None, progr
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job's own progress (ml.bulk.progress) is shown
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # nor a few INFO lines per dataset
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = max(1, min(workers or cpus, len(shards)))
     ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
