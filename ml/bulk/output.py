@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ml.bulk.sources import Reject, ShardSpec
+from ml.bulk.sources import Reject, ShardSpec, count_lines
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
 JOB_FILE = "_job.json"
@@ -45,7 +45,7 @@ def output_schema() -> Any:
     ])
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary sibling, flush it to disk, rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -160,19 +160,14 @@ class OutputFolder:
             import pyarrow.parquet as pq
 
             return int(pq.ParquetFile(path).metadata.num_rows)
-        return _count_lines(path)
+        return count_lines(path)
 
     def count_rejects(self, spec: ShardSpec) -> int:
         path = self.rejects_path(spec)
-        return _count_lines(path) if path.exists() else 0
+        return count_lines(path) if path.exists() else 0
 
     def finish(self, summary: dict) -> None:
         atomic_write(self.path / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8"))
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def read_rows(folder: str | Path) -> list[dict]:

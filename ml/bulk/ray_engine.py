@@ -80,9 +80,9 @@ def _round(job: BulkJob, shards: Sequence[ShardSpec], workers: int | None, progr
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # nor a few INFO lines per dataset
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = max(1, min(workers or cpus, len(shards)))
-    ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
+    items = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
     pool = ray.data.ActorPoolStrategy(size=actors)
-    ds = ds.map_batches(ShardTagger, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1, compute=pool, num_cpus=1)
+    ds = items.map_batches(ShardTagger, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1, compute=pool, num_cpus=1)
     results = []
     for row in ds.iter_rows():
         result = ShardResult(int(row["index"]), int(row["documents"]), int(row["rejects"]), int(row["tokens"]), float(row["seconds"]))

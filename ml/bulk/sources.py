@@ -96,7 +96,8 @@ class ShardSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> ShardSpec:
-        return cls(**{k: (int(v) if k in ("index", "start", "stop", "first", "count") else str(v)) for k, v in data.items()})
+        return cls(int(data["index"]), str(data["source"]), str(data["path"]), str(data["format"]), int(data["start"]), int(data["stop"]),
+                   int(data["first"]), int(data["count"]))
 
 
 def format_of(path: str | Path) -> str:
@@ -133,6 +134,15 @@ def expand_inputs(inputs: Sequence[str], fmt: str = "auto") -> list[InputFile]:
     return list(files.values())
 
 
+def count_lines(path: str | Path) -> int:
+    """Newline characters in a file, read in 1 MiB blocks."""
+    count = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            count += block.count(b"\n")
+    return count
+
+
 def auto_shard_size(files: Sequence[InputFile]) -> int:
     """A shard size from the number of records alone (so a rerun over the same inputs gets the same
     plan, whatever ``--workers``): one pass over the text files, the Parquet files' footers."""
@@ -141,8 +151,7 @@ def auto_shard_size(files: Sequence[InputFile]) -> int:
         if f.format == "parquet":
             total += int(_parquet_file(f.path).metadata.num_rows)
         else:
-            with open(f.path, "rb") as stream:
-                total += sum(chunk.count(b"\n") for chunk in iter(lambda s=stream: s.read(1 << 20), b"")) + 1
+            total += count_lines(f.path) + 1
     return max(MIN_SHARD_SIZE, min(MAX_SHARD_SIZE, -(-total // AUTO_SHARDS)))
 
 
