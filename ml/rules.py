@@ -317,7 +317,8 @@ class PhraseTokenizer:
         from ml.data.tokenizer import MAX_RUN, get_tokenizer
 
         tokenizer = get_tokenizer(language)
-        return cls(lambda s: [t.text for t in tokenizer.tokenize(s)], tokenizer.nlp.tokenizer.rules or {}, MAX_RUN)
+        special = getattr(tokenizer.nlp.tokenizer, "rules", None) or {}  # spaCy's special cases ("cannot", "dont")
+        return cls(lambda s: [t.text for t in tokenizer.tokenize(s)], special, MAX_RUN)
 
     def __call__(self, phrase: str) -> tuple[str, ...]:
         out: list[str] = []
@@ -359,23 +360,28 @@ def _is_punct(text: str) -> bool:
     return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
 
 
+_FLAGS: dict[str, Callable[[str], bool]] = {"is_digit": str.isdigit, "is_alpha": str.isalpha, "is_upper": str.isupper, "is_title": str.istitle, "is_punct": _is_punct}
+
+
+def _test(key: str, value: Any) -> Callable[[str, str], bool]:
+    """A test of one token (its text, its casefolded text) for one condition of a pattern element."""
+    if key == "text":
+        return lambda t, f: t == value
+    if key == "lower":
+        folded = value.casefold()
+        return lambda t, f: f == folded
+    if key in ("in", "lower_in"):
+        options = frozenset(value) if key == "in" else frozenset(x.casefold() for x in value)
+        return (lambda t, f: t in options) if key == "in" else (lambda t, f: f in options)
+    if key == "shape":
+        return lambda t, f: token_shape(t) == value
+    flag = _FLAGS[key]
+    return lambda t, f: flag(t) == value
+
+
 def _condition(element: Mapping[str, Any]) -> Callable[[str, str], bool]:
-    """A test of one token (text, casefolded text) for a pattern element."""
-    tests: list[Callable[[str, str], bool]] = []
-    for key, value in element.items():
-        if key == "text":
-            tests.append(lambda t, f, v=value: t == v)
-        elif key == "lower":
-            tests.append(lambda t, f, v=value.casefold(): f == v)
-        elif key == "in":
-            tests.append(lambda t, f, v=frozenset(value): t in v)
-        elif key == "lower_in":
-            tests.append(lambda t, f, v=frozenset(x.casefold() for x in value): f in v)
-        elif key == "shape":
-            tests.append(lambda t, f, v=value: token_shape(t) == v)
-        elif key != "op":
-            check = {"is_digit": str.isdigit, "is_alpha": str.isalpha, "is_upper": str.isupper, "is_title": str.istitle, "is_punct": _is_punct}[key]
-            tests.append(lambda t, f, c=check, v=value: c(t) == v)
+    """A test of one token for a pattern element: every condition holds."""
+    tests = [_test(key, value) for key, value in element.items() if key != "op"]
     return lambda t, f: all(test(t, f) for test in tests)
 
 

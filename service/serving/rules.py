@@ -126,9 +126,7 @@ def _place(n: int, by_line: bool) -> str:
 
 def refuse(problems: list[tuple[int, str]], by_line: bool) -> ApiError:
     """The 422 for bad rules: each one in ``details`` (its line, or its index in the request's list)."""
-    details = [{"line": n} if by_line else {"index": n - 1} for n, _ in problems]
-    for d, (_, m) in zip(details, problems, strict=True):
-        d["error"] = m
+    details: list[dict[str, Any]] = [{"line": n, "error": m} if by_line else {"index": n - 1, "error": m} for n, m in problems]
     n, m = problems[0]
     place = _place(n, by_line) if n > 0 else "the rule set"
     return ApiError(422, "invalid_rules", f"{len(problems)} bad rule(s), nothing stored; first: {place}: {m}", details=details)
