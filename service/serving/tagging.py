@@ -4,14 +4,14 @@ of a result is ``service.schemas.text_result_json``."""
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ml.pipeline import TextResult
+from ml.pipeline import min_token_score
 from ml.rules import EntityFilter
+from ml.texts import text_problem
 from service import metrics, schemas
 from service.config import Settings
 from service.errors import ApiError
@@ -28,9 +28,6 @@ log = logging.getLogger("service.serving.tagging")
 # during a database outage: the first failure, then a count at most every 5 s (not one line per request)
 _unstored = ThrottledLog(log, "predictions not stored", interval_s=5.0)
 
-# C0/C1 controls except tab, newline and carriage return; UTF-16 surrogates
-_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-
 # the /tag results waiting for the database, written by one thread in batches (group commit)
 PredictionWriter = MicroBatcher[PredictionRecord, bool]
 
@@ -45,21 +42,13 @@ def prediction_writer(engine: Engine, settings: Settings) -> PredictionWriter:
 
 
 def check_text(text: str, where: str, settings: Settings) -> None:
-    """Reject what cannot be tagged or stored: empty text, over-long text, control characters
-    (NUL cannot even be stored in Postgres), and lone surrogates (not encodable as UTF-8)."""
-    if len(text) > settings.max_text_chars:
-        raise ApiError(413, "text_too_long", f"{where} has {len(text)} characters; the limit is {settings.max_text_chars}")
-    if not text.strip():
-        raise ApiError(422, "empty_text", f"{where} is empty or only whitespace")
-    bad = _FORBIDDEN.search(text)
-    if bad is not None:
-        ch = bad.group()
-        kind = "a lone surrogate" if 0xD800 <= ord(ch) < 0xE000 else "the control character"
-        raise ApiError(422, "invalid_character", f"{where} contains {kind} U+{ord(ch):04X} at offset {bad.start()}")
-
-
-def min_token_score(result: TextResult) -> float:
-    return min((t.score for t in result.tokens), default=1.0)
+    """Reject what cannot be tagged or stored (``ml.texts.text_problem``, the rules ``ner bulk`` applies
+    too): empty text, over-long text (413), control characters (NUL cannot even be stored in Postgres)
+    and lone surrogates (not encodable as UTF-8)."""
+    problem = text_problem(text, settings.max_text_chars)
+    if problem is not None:
+        code, reason = problem
+        raise ApiError(413 if code == "text_too_long" else 422, code, f"{where} {reason}")
 
 
 async def tag_texts(
