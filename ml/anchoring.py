@@ -37,6 +37,9 @@ WORDS = "word_embedding.weight"
 class RowCorrection(nn.Module):
     """``base`` frozen; a trainable correction (len(rows), dim) added to the ids in ``rows``."""
 
+    rows: Tensor  # (R,) the corrected ids, sorted
+    slot: Tensor  # (words,) each id's row of the correction, -1 for none
+
     def __init__(self, base: nn.Embedding, rows: Sequence[int]):
         super().__init__()
         ids = torch.tensor(sorted(set(rows)), dtype=torch.long)
@@ -65,7 +68,7 @@ class RowCorrection(nn.Module):
         return out
 
 
-def attach_rows(model: Tagger, rows: Sequence[int]) -> RowCorrection:
+def attach_rows(model: nn.Module, rows: Sequence[int]) -> RowCorrection:
     base = model.word_embedding
     if not isinstance(base, nn.Embedding):
         raise TypeError(f"model.word_embedding is a {type(base).__name__}, not an nn.Embedding")
@@ -74,7 +77,7 @@ def attach_rows(model: Tagger, rows: Sequence[int]) -> RowCorrection:
     return module
 
 
-def merge_rows(model: Tagger) -> None:
+def merge_rows(model: nn.Module) -> None:
     """Undo ``attach_rows``: one plain embedding with the correction added (no-op if not attached)."""
     if isinstance(model.word_embedding, RowCorrection):
         model.word_embedding = model.word_embedding.merged()
@@ -118,6 +121,7 @@ def fisher_information(
         sums = {k: torch.zeros_like(p) for k, p in named.items()}
         for done, s in enumerate(chosen, 1):
             batch = tensorize([s.tokens], vocab, max_word_length, [spans_to_tags(s.spans, len(s.tokens), scheme)])
+            assert batch.tags is not None
             model.zero_grad(set_to_none=True)
             model.loss(*batch.inputs, batch.tags).backward()
             with torch.no_grad():
@@ -191,8 +195,9 @@ def anchors(model: Tagger, base: dict[str, Tensor], fisher: Fisher | None) -> li
         if not p.requires_grad:
             continue
         if name == "word_embedding.correction":
-            assert isinstance(model.word_embedding, RowCorrection)
-            rows = model.word_embedding.rows
+            module: nn.Module = model.word_embedding
+            assert isinstance(module, RowCorrection)
+            rows = module.rows
             old = rows < base[WORDS].size(0)
             weight = torch.ones(rows.numel(), 1)
             if fisher is not None and WORDS in fisher.values:

@@ -1,26 +1,37 @@
 """Fine-tuning a served model on stored corrections: minutes, not a from-scratch training.
 
-* **Start** from a model folder: its config, vocabularies and weights.
-* **Grow** what the corrections need: new word keys join the vocabulary (with their pretrained
-  vector when the base was trained with one and it is installed, else a copy of the ``<unk>`` row,
-  so the grown model first predicts exactly what the base did); new characters likewise; a label
-  the base lacks adds its tags to the tag set, rows to the projection and rows/columns to the CRF,
-  with the scheme's constraints recomputed. Every old weight keeps its value.
-* **Hold out** one document in ``holdout_every`` (by a hash of the document key, so the same
-  documents stay held out for every later version) and measure before (the base) and after.
-* **Against forgetting** (see README, Feedback loop): an L2 pull toward the base weights
-  (``l2_to_base``), a low learning rate, optional frozen parts (``freeze``), pseudo-rehearsal on
-  stored texts tagged by the base model (``rehearsal_ratio``), and the base corpus mixed in when
-  given (``base_ratio``).
+``finetune(inputs, config)`` runs five steps, each its own function:
 
-Torch only: the service exports the corrections (``service.cli``) and calls this module.
+* **prepare**: load the base, split the corrections by document into the gate's held-out parts (one
+  in ``holdout_every`` by a hash of the key, stable across versions; and the newest
+  ``time_holdout`` fraction, the time split), an early-stopping part of the training documents (one
+  in ``stop_every``; never the gate's), and the training part; tokenize; tag stored texts with the
+  base (rehearsal, distillation) and keep the other half of them for the forgetting probe.
+* **grow**: new word keys, characters and labels join the model; every base weight keeps its value
+  and the grown model predicts what the base did (``grow``).
+* **fit**: the ``ml.train.Trainer`` with the regularisers against forgetting: elastic weight
+  consolidation with the base folder's Fisher diagonal (``ml.anchoring``; strength scaled by the
+  base corpus's size over the corrections'), distillation toward the base's marginals on stored
+  texts, the base corpus mixed in when an operator provides it, and an epoch count and learning
+  rate chosen by the data's size (``schedule``), with early stopping on the stopping part.
+* **measure**: the reference (the base, or the version being served) and the candidate on each
+  held-out part: F1, and F1 on the mentions whose text never occurs among the training
+  corrections' mentions (unseen names: what carries over, not what was memorised); the forgetting
+  probe (does the candidate keep the base's confident predictions on stored texts nobody
+  corrected?); base-corpus dev F1 when given.
+* **record**: the model folder, its lineage and ``metrics.json``.
+
+``promotion_decision`` is the gate over those measures. Torch only: the service exports the
+corrections and calls this module.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,19 +39,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ml import anchoring
 from ml.artifact import LoadedModel, ModelMeta, build_model, check_version, entity_types, load_model, save_model
-from ml.config import Config, ConfigError, TrainConfig
+from ml.config import Config, ConfigError, TrainConfig, build_dataclass
 from ml.data import DataFormatError, Sentence
-from ml.evaluate import Scores
+from ml.data.tensorize import tensorize
+from ml.evaluate import entity_scores
 from ml.labels import Span, tag_set
 from ml.model import Tagger
-from ml.predictor import Predictor, evaluate
-from ml.train import Callback, EpochLog, TrainData, Trainer
+from ml.predictor import Predictor
+from ml.train import Callback, EarlyStopping, EpochLog, KeepBest, TrainData, Trainer
 from ml.vocab import UNK_ID, Vocab, Vocabularies, word_key
+from ml.windows import group_texts
 
 FREEZABLE = ("word_embedding", "char_encoder", "case_embedding", "encoder", "projection", "head")
+TARGET_STEPS = 300  # optimiser steps a fine-tune aims at, whatever the data's size (schedule)
+MIN_SPLIT_DOCUMENTS = 20  # below this many corrected documents there is no time split
+MIN_STOP_DOCUMENTS = 50  # below this many training documents there is no early stopping (its part would be a few documents: noise)
 
 
 class Cancelled(RuntimeError):
@@ -49,33 +66,49 @@ class Cancelled(RuntimeError):
 
 @dataclass
 class FinetuneConfig:
-    # defaults chosen on the WikiGold benchmark's own held-out split and CoNLL-2003 dev (README)
-    epochs: int = 8
+    # defaults chosen on the WikiGold benchmark's posted articles and CoNLL-2003 dev (docs/learning-loop.md)
+    epochs: int = 0  # 0: by the data's size (about TARGET_STEPS steps, within min_epochs..max_epochs)
+    min_epochs: int = 3
+    max_epochs: int = 30
     batch_size: int = 16  # sentences
     lr: float = 0.001  # Adam
     clip_norm: float = 5.0
-    l2_to_base: float = 0.0  # weight of sum((theta - theta_base)^2) over the base's parameters, added to the loss
-    pull_to_base: float = 0.002  # after each step, this fraction of (theta - theta_base) is undone (decoupled, as AdamW's decay)
+    ewc: float = 1.0  # elastic weight consolidation: lambda = ewc * N_base / N_corrections (needs fisher.safetensors in the base folder)
+    distill: float = 0.0  # weight of the KL divergence to the base's marginals on stored texts
+    l2_to_base: float = 0.0  # weight of sum((theta - theta_base)^2), added to the loss (EWC without a Fisher)
+    pull_to_base: float = 0.0  # after each step, this fraction of (theta - theta_base) is undone (decoupled)
     freeze: list[str] = field(default_factory=list)  # parts of FREEZABLE whose old weights stay fixed
     rehearsal_ratio: float = 0.0  # silver sentences (stored texts tagged by the base) per correction sentence and epoch
-    base_ratio: float = 1.0  # base-corpus sentences per correction sentence and epoch, when --data is given
+    base_ratio: float = 1.0  # base-corpus sentences per correction sentence and epoch, when the base corpus is given
     correction_weight: int = 1  # times each training correction is seen per epoch
-    holdout_every: int = 5  # one document in N is held out (0: none)
+    holdout_every: int = 5  # one document in N is held out for the gate, by hash (0: none)
+    time_holdout: float = 0.1  # the newest fraction of the documents is held out for the gate (0: none)
+    stop_every: int = 10  # one training document in N decides early stopping (0: a fixed epoch count)
+    patience: int = 3  # epochs without a better F1 on the stopping part before stopping
+    probe_confidence: float = 0.9  # the base's spans at least this sure are what the forgetting probe checks
     seed: int = 1
     threads: int = 0  # torch CPU threads; 0 = torch's default
     pretrained_max_words: int = 400000  # pretrained vectors searched for new words
 
     def validate(self) -> FinetuneConfig:
-        for name in ("epochs", "batch_size", "lr", "correction_weight"):
+        for name in ("min_epochs", "max_epochs", "batch_size", "lr", "correction_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.pull_to_base < 1.0:
             raise ConfigError(f"finetune.pull_to_base must lie in [0, 1), got {self.pull_to_base}")
-        for name in ("clip_norm", "l2_to_base", "rehearsal_ratio", "base_ratio", "holdout_every", "threads"):
+        for name in ("epochs", "clip_norm", "ewc", "distill", "l2_to_base", "rehearsal_ratio", "base_ratio", "holdout_every", "stop_every", "patience", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"finetune.{name} must be non-negative, got {getattr(self, name)}")
-        if self.holdout_every == 1:
-            raise ConfigError("finetune.holdout_every = 1 would hold out every document; use 0 (none) or 2 and more")
+        if self.min_epochs > self.max_epochs:
+            raise ConfigError(f"finetune.min_epochs={self.min_epochs} is more than finetune.max_epochs={self.max_epochs}")
+        for name in ("time_holdout", "probe_confidence"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"finetune.{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("holdout_every", "stop_every"):
+            if getattr(self, name) == 1:
+                raise ConfigError(f"finetune.{name} = 1 would take every document; use 0 (none) or 2 and more")
+        if not all(isinstance(p, str) for p in self.freeze):
+            raise ConfigError(f"finetune.freeze must be a list of part names, got {self.freeze!r}")
         unknown = sorted(set(self.freeze) - set(FREEZABLE))
         if unknown:
             raise ConfigError(f"finetune.freeze: unknown parts {unknown}; known: {list(FREEZABLE)}")
@@ -86,24 +119,8 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "finetune") -> FinetuneConfig:
-        """Validated settings from a mapping (unknown keys and wrong types are errors)."""
-        defaults = cls().to_dict()
-        unknown = sorted(set(data) - set(defaults))
-        if unknown:
-            raise ConfigError(f"{source}: unknown settings {unknown}; known: {sorted(defaults)}")
-        values = dict(defaults)
-        for key, value in data.items():
-            expected = type(defaults[key])
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if expected is list:
-                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            else:
-                ok = isinstance(value, expected) and not isinstance(value, bool)
-            if not ok:
-                raise ConfigError(f"{source}: {key} = {value!r} should be {'a list of strings' if expected is list else expected.__name__}")
-            values[key] = value
-        return cls(**values).validate()
+        """Validated settings from a mapping (unknown keys and wrong types are errors: ml.config's builder)."""
+        return build_dataclass(cls, dict(data), source).validate()
 
     def override(self, assignments: Sequence[str]) -> FinetuneConfig:
         """``key=value`` strings (numbers as JSON; freeze as a comma-separated list)."""
@@ -123,7 +140,7 @@ class FinetuneConfig:
         return FinetuneConfig.from_dict(data, "--set")
 
 
-# --- corrections and the held-out split ---------------------------------------------------------
+# --- corrections and the splits -----------------------------------------------------------------
 
 
 @dataclass
@@ -133,11 +150,13 @@ class Correction:
     entities: list[tuple[int, int, str]]
 
 
+def _bucket(key: str, salt: str = "") -> int:
+    return int.from_bytes(hashlib.sha256((salt + key).encode("utf-8")).digest()[:8], "big")
+
+
 def is_held_out(key: str, every: int) -> bool:
     """Deterministic 1-in-``every`` split by document: stable across runs, versions and machines."""
-    if every <= 0:
-        return False
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % every == 0
+    return every > 0 and _bucket(key) % every == 0
 
 
 def read_corrections(path: str | Path) -> list[Correction]:
@@ -178,11 +197,34 @@ def to_sentences(corrections: Sequence[Correction], language: str) -> list[Sente
 
 
 def split_corrections(corrections: Sequence[Correction], every: int) -> tuple[list[Correction], list[Correction]]:
+    """(the rest, the hash-held-out part)."""
     train: list[Correction] = []
     held: list[Correction] = []
     for c in corrections:
         (held if is_held_out(c.key, every) else train).append(c)
     return train, held
+
+
+@dataclass
+class Splits:
+    train: list[Correction]
+    stop: list[Correction]  # early stopping (a part of the training corrections, never the gate's)
+    heldout: list[Correction]  # the gate's, by hash
+    time: list[Correction]  # the gate's: the newest documents (not already held out by hash)
+
+
+def split_all(corrections: Sequence[Correction], cfg: FinetuneConfig) -> Splits:
+    """The four parts. ``corrections`` come oldest first (as the service exports them); a later
+    correction of the same document keeps its key and so its side of the hash split."""
+    rest, held = split_corrections(corrections, cfg.holdout_every)
+    newest = math.floor(cfg.time_holdout * len(corrections)) if len(corrections) >= MIN_SPLIT_DOCUMENTS else 0
+    time_part = rest[len(rest) - newest :] if newest else []
+    rest = rest[: len(rest) - newest]
+    stop: list[Correction] = []
+    if cfg.stop_every and len(rest) >= MIN_STOP_DOCUMENTS:
+        stop = [c for c in rest if _bucket(c.key, "stop") % cfg.stop_every == 0]
+        rest = [c for c in rest if _bucket(c.key, "stop") % cfg.stop_every != 0]
+    return Splits(rest, stop, held, time_part)
 
 
 # --- growing the base model ---------------------------------------------------------------------
@@ -196,66 +238,62 @@ class Growth:
     pretrained_words: int  # new words initialised from pretrained vectors
 
 
+def _grown_vocab(vocab: Vocabularies, sentences: Sequence[Sentence], scheme: str) -> tuple[Vocabularies, Growth]:
+    new_words = sorted({word_key(t) for s in sentences for t in s.tokens} - set(vocab.words.stoi))
+    new_chars = sorted({ch for s in sentences for t in s.tokens for ch in t} - set(vocab.chars.stoi))
+    new_labels = sorted({sp.label for s in sentences for sp in s.spans} - set(entity_types(vocab)))
+    new_tags = [t for t in tag_set(new_labels, scheme) if t != "O"] if new_labels else []
+    grown = Vocabularies(
+        Vocab(vocab.words.itos[2:] + new_words), Vocab(vocab.chars.itos[2:] + new_chars), Vocab(vocab.tags.itos + new_tags, specials=False),
+    )
+    return grown, Growth(new_words, new_chars, new_labels, 0)
+
+
+@torch.no_grad()
+def _copy_grown(name: str, source: Tensor, target: Tensor, old_tags: int) -> None:
+    """One base tensor into its grown counterpart; new rows start where they change nothing."""
+    if source.shape == target.shape:
+        target.copy_(source)
+    elif name in ("word_embedding.weight", "char_encoder.embedding.weight"):
+        target[: source.size(0)] = source
+        target[source.size(0) :] = source[UNK_ID]  # new keys start as <unk> did
+    elif name == "projection.weight":
+        target[:old_tags] = source
+        target[old_tags:].normal_(0.0, 0.01)
+    elif name == "projection.bias":
+        target[:old_tags] = source
+        target[old_tags:] = source.min() - 2.0  # new tags start unlikely: the grown model predicts what the base did
+    elif name == "head.transitions":
+        target.zero_()
+        target[:old_tags, :old_tags] = source
+    elif name in ("head.start", "head.end"):
+        target.zero_()
+        target[:old_tags] = source
+    elif not (name.startswith("head.") and name.endswith("_penalty")):  # penalties: rebuilt from the grown tag set
+        raise ValueError(f"cannot grow parameter {name} from {tuple(source.shape)} to {tuple(target.shape)}")
+
+
 def grow(loaded: LoadedModel, sentences: Sequence[Sentence], pretrained: tuple[list[str], Any] | None) -> tuple[Tagger, Vocabularies, Growth]:
     """A model whose vocabularies cover ``sentences`` and whose tag set covers their labels, with
     every base weight copied over. New ids are appended, so old ids (and weights) do not move."""
-    vocab, config = loaded.vocab, loaded.config
-    scheme = config.model.tag_scheme
-    new_words = sorted({word_key(t) for s in sentences for t in s.tokens} - set(vocab.words.stoi))
-    new_chars = sorted({ch for s in sentences for t in s.tokens for ch in t} - set(vocab.chars.stoi))
-    old_labels = set(entity_types(vocab))
-    new_labels = sorted({sp.label for s in sentences for sp in s.spans} - old_labels)
-    new_tags = [t for t in tag_set(new_labels, scheme) if t != "O"] if new_labels else []
-    grown = Vocabularies(
-        Vocab(vocab.words.itos[2:] + new_words),
-        Vocab(vocab.chars.itos[2:] + new_chars),
-        Vocab(vocab.tags.itos + new_tags, specials=False),
-    )
-    model = build_model(config, grown, generator=torch.Generator().manual_seed(0))
+    grown, growth = _grown_vocab(loaded.vocab, sentences, loaded.config.model.tag_scheme)
+    model = build_model(loaded.config, grown, generator=torch.Generator().manual_seed(0))
     base = loaded.model.state_dict()
-    state = model.state_dict()
-    k_old = len(vocab.tags)
-    with torch.no_grad():
-        for name, target in state.items():
-            if name not in base:
-                continue  # the auxiliary LM head is training-only and not saved
-            source = base[name]
-            if source.shape == target.shape:
-                target.copy_(source)
-                continue
-            if name == "word_embedding.weight" or name == "char_encoder.embedding.weight":
-                target[: source.size(0)] = source
-                target[source.size(0) :] = source[UNK_ID]  # new keys start as <unk> did
-            elif name == "projection.weight":
-                target[:k_old] = source
-                target[k_old:].normal_(0.0, 0.01)
-            elif name == "projection.bias":
-                target[:k_old] = source
-                # new tags start unlikely: the grown model predicts what the base did until trained
-                target[k_old:] = source.min() - 2.0
-            elif name == "head.transitions":
-                target.zero_()
-                target[:k_old, :k_old] = source
-            elif name in ("head.start", "head.end"):
-                target.zero_()
-                target[:k_old] = source
-            elif name.startswith("head.") and name.endswith("_penalty"):
-                continue  # rebuilt by build_model from the grown tag set and the scheme
-            else:
-                raise ValueError(f"cannot grow parameter {name} from {tuple(source.shape)} to {tuple(target.shape)}")
-    covered = 0
-    if pretrained is not None and new_words:
+    for name, target in model.state_dict().items():
+        if name in base:  # the auxiliary LM head is training-only and not saved
+            _copy_grown(name, base[name], target, len(loaded.vocab.tags))
+    if pretrained is not None and growth.new_words:
         words, vectors = pretrained
         index: dict[str, int] = {}
         for row, w in enumerate(words):
             index.setdefault(word_key(w), row)
         emb = model.word_embedding.weight
         with torch.no_grad():
-            for key in new_words:
+            for key in growth.new_words:
                 if key in index and vectors.shape[1] == emb.size(1):
                     emb[grown.words.stoi[key]] = torch.from_numpy(vectors[index[key]].copy()).to(emb)
-                    covered += 1
-    return model, grown, Growth(new_words, new_chars, new_labels, covered)
+                    growth.pretrained_words += 1
+    return model, grown, growth
 
 
 def _freeze_old(model: Tagger, parts: Sequence[str], old_sizes: dict[str, int]) -> list[Any]:
@@ -274,52 +312,290 @@ def _freeze_old(model: Tagger, parts: Sequence[str], old_sizes: dict[str, int]) 
     return handles
 
 
-def _l2_anchor(model: Tagger, base: dict[str, Tensor]) -> list[tuple[nn.Parameter, Tensor]]:
-    """(parameter, base value) pairs over every trainable parameter, matched by parameter name
-    (``base`` from ``named_parameters``: state-dict keys differ, the recurrence saves torch.nn names)."""
-    return [(p, base[name]) for name, p in model.named_parameters() if p.requires_grad and name in base]
+# --- the steps ----------------------------------------------------------------------------------
 
 
-def _l2_penalty(pairs: Sequence[tuple[nn.Parameter, Tensor]]) -> Tensor:
-    total = torch.zeros(())
-    for p, b in pairs:
-        if p.shape == b.shape:
-            total = total + (p - b).pow(2).sum()
-        else:
-            # grown tensors: only the base's block is pulled back
-            idx = tuple(slice(0, n) for n in b.shape)
-            total = total + (p[idx] - b).pow(2).sum()
-    return total
+@dataclass
+class FinetuneInputs:
+    base_dir: str | Path
+    corrections: Sequence[Correction]  # oldest first
+    version: str
+    out: Path | None = None  # None: nothing is saved (measured in memory)
+    name: str | None = None  # default: the base's
+    base_data: tuple[Sequence[Sentence], Sequence[Sentence]] | None = None  # (train, dev) of the base corpus, when an operator has it
+    stored_texts: Sequence[str] = ()  # texts the service stored that nobody corrected: rehearsal, distillation, forgetting probe
+    reference: str | Path | None = None  # the model the candidate is compared with (default: the base)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    pretrained: tuple[list[str], Any] | bool | None = True  # True: the base config's vectors when installed
 
 
-@torch.no_grad()
-def _pull(pairs: Sequence[tuple[nn.Parameter, Tensor]], fraction: float) -> None:
-    """theta <- theta - fraction * (theta - theta_base) on the base's part of each parameter. Adam
-    rescales gradients, so a penalty in the loss barely holds the weights; this does, whatever the
-    gradient's scale (decoupled, like AdamW's weight decay, but toward the base instead of zero)."""
-    for p, b in pairs:
-        idx = tuple(slice(0, n) for n in b.shape)
-        p[idx] -= fraction * (p[idx] - b)
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    splits: Splits
+    train: list[Sentence]
+    stop: list[Sentence]
+    heldout: list[Sentence]
+    time: list[Sentence]
+    silver: list[Sentence]  # stored texts tagged by the base (rehearsal / distillation)
+    probe: list[list[list[str]]]  # stored texts (token lists per sentence) for the forgetting probe
+    base_train: list[Sentence]
+    base_dev: list[Sentence]
+    fisher: anchoring.Fisher | None
+
+
+@dataclass
+class Schedule:
+    epochs: int  # at most; early stopping may end sooner
+    lr: float
+    ewc_lambda: float  # 0 without a Fisher
+    steps_per_epoch: int
+
+
+def schedule(cfg: FinetuneConfig, train_sentences: int, fisher_sentences: int) -> Schedule:
+    """Epochs for about TARGET_STEPS optimiser steps (10 texts get many passes, 5,000 few), and the
+    EWC strength N_base / N_corrections (a small set of corrections moves the weights little)."""
+    steps = max(1, math.ceil(train_sentences * cfg.correction_weight / cfg.batch_size))
+    epochs = cfg.epochs or min(cfg.max_epochs, max(cfg.min_epochs, math.ceil(TARGET_STEPS / steps)))
+    ewc = cfg.ewc * fisher_sentences / max(train_sentences, 1) if fisher_sentences else 0.0
+    return Schedule(epochs, cfg.lr, ewc, steps)
+
+
+def _tag_stored(predictor: Predictor, texts: Sequence[str], language: str) -> list[list[Sentence]]:
+    """Stored texts tokenized and tagged by ``predictor``: one list of sentences per text."""
+    from ml.data.tokenizer import get_tokenizer
+
+    token_texts = [[[t.text for t in sent] for sent in sents if sent] for sents in get_tokenizer(language).pipe_sentences(list(texts))]
+    token_texts = [t for t in token_texts if t]
+    tagged = predictor.predict_texts(token_texts) if token_texts else []
+    return [[Sentence(list(tokens), [Span(p.start, p.end, p.label) for p in r.spans]) for tokens, r in zip(text, results, strict=True)]
+            for text, results in zip(token_texts, tagged, strict=True)]
+
+
+def prepare(inputs: FinetuneInputs, cfg: FinetuneConfig, progress: Callable[[float, str], None]) -> Prepared:
+    """Load the base, split and tokenize the corrections, tag the stored texts with the base."""
+    loaded = load_model(inputs.base_dir, "cpu")
+    language = loaded.config.language
+    splits = split_all(inputs.corrections, cfg)
+    if not splits.train:
+        raise ValueError(f"all {len(inputs.corrections)} corrections fall in the held-out parts; fine-tuning needs more corrections")
+    # the probe's texts and the training's (rehearsal, distillation) are disjoint halves of the stored texts
+    probe_texts = [t for t in inputs.stored_texts if _bucket(t, "probe") % 2 == 0]
+    train_texts = [t for t in inputs.stored_texts if _bucket(t, "probe") % 2 == 1] if cfg.rehearsal_ratio > 0 or cfg.distill > 0 else []
+    base_predictor = Predictor(loaded.model, loaded.vocab, loaded.config.model.max_word_length)
+    silver = [s for text in _tag_stored(base_predictor, train_texts, language) for s in text]
+    fisher = anchoring.load_fisher(inputs.base_dir) if cfg.ewc > 0 else None
+    if cfg.ewc > 0 and fisher is None:
+        progress(0.0, f"the base folder has no {anchoring.FISHER_FILE}: no weight consolidation (ner fisher computes it from the base corpus)")
+    train_base, dev_base = (list(inputs.base_data[0]), list(inputs.base_data[1])) if inputs.base_data is not None else ([], [])
+    prepared = Prepared(
+        loaded, splits, to_sentences(splits.train, language), to_sentences(splits.stop, language), to_sentences(splits.heldout, language),
+        to_sentences(splits.time, language), silver, [[s.tokens for s in text] for text in _tag_stored(base_predictor, probe_texts, language)],
+        train_base, dev_base, fisher,
+    )
+    progress(0.0, f"{len(splits.train)} training documents ({len(prepared.train)} sentences), {len(splits.stop)} for early stopping, "
+             f"{len(splits.heldout)} held out by hash and {len(splits.time)} newest held out ({len(prepared.heldout) + len(prepared.time)} sentences); "
+             f"{len(inputs.stored_texts)} stored texts ({len(prepared.probe)} probe the forgetting)")
+    return prepared
+
+
+def _vectors(inputs: FinetuneInputs, loaded: LoadedModel, cfg: FinetuneConfig, progress: Callable[[float, str], None]) -> tuple[list[str], Any] | None:
+    if inputs.pretrained is True:
+        source = loaded.config.train.pretrained
+        if not source:
+            return None
+        try:
+            from ml.embeddings import load_vectors
+
+            return load_vectors(source, cfg.pretrained_max_words)
+        except (RuntimeError, FileNotFoundError) as e:
+            progress(0.0, f"pretrained vectors {source!r} not available ({e}); new words start as <unk>")
+            return None
+    return inputs.pretrained or None
+
+
+class DistillTerm:
+    """KL(base marginals || model marginals) on batches of stored sentences, one batch per step,
+    cycling: the model keeps the base's view of the users' own texts."""
+
+    def __init__(self, base: Tagger, vocab: Vocabularies, sentences: Sequence[Sentence], max_word_length: int, batch_size: int, weight: float):
+        self.weight = weight
+        self.batches = []
+        with torch.no_grad():
+            for lo in range(0, len(sentences), batch_size):
+                batch = tensorize([s.tokens for s in sentences[lo : lo + batch_size]], vocab, max_word_length)
+                self.batches.append((batch, base.head.marginals(base.emissions(*batch.inputs), batch.inputs[3])))
+        self.next = 0
+
+    def __call__(self, model: Tagger) -> Tensor:
+        batch, target = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        mask = batch.inputs[3]
+        model_marginals = model.head.marginals(model.emissions(*batch.inputs), mask)
+        k = target.size(2)  # the base's tags come first in the grown tag set
+        kl = target * (target.clamp(min=1e-8).log() - model_marginals[:, :, :k].clamp(min=1e-8).log())
+        return self.weight * kl.sum() / mask.size(0)
 
 
 class _FinetuneHooks(Callback):
-    """The Trainer's hooks of a fine-tune: the pull toward the base after each step, the stop
-    request, progress after each epoch."""
+    """The pull toward the base after each step, the stop request, progress after each epoch."""
 
-    def __init__(self, anchor, pull: float, epochs: int, progress: Callable[[float, str], None], should_stop: Callable[[], bool]):
-        self.anchor, self.pull, self.epochs, self.progress, self.should_stop = anchor, pull, epochs, progress, should_stop
+    def __init__(self, anchors: list[anchoring.Anchor], pull: float, epochs: int, progress: Callable[[float, str], None], should_stop: Callable[[], bool]):
+        self.anchors, self.pull, self.epochs, self.progress, self.should_stop = anchors, pull, epochs, progress, should_stop
 
     def on_batch_end(self, trainer: Trainer, loss: float, sequences: int, tokens: int) -> None:
         if self.pull:
-            _pull(self.anchor, self.pull)
+            anchoring.pull(self.anchors, self.pull)
         if self.should_stop():
             raise Cancelled("fine-tuning stopped on request")
 
     def on_epoch_end(self, trainer: Trainer, log: EpochLog) -> None:
-        self.progress(log.epoch / self.epochs, f"epoch {log.epoch}/{self.epochs}: loss {log.loss:.3f} ({log.seconds:.1f}s)")
+        stop = f", early-stopping F1 {100 * log.dev_f1:.2f}" if log.dev_f1 >= 0 else ""
+        self.progress(log.epoch / self.epochs, f"epoch {log.epoch}/{self.epochs}: loss {log.loss:.3f}{stop} ({log.seconds:.1f}s)")
 
 
-# --- the loop -----------------------------------------------------------------------------------
+def _train_config(loaded: LoadedModel, cfg: FinetuneConfig, plan: Schedule) -> Config:
+    base = loaded.config.to_dict()
+    return Config.from_dict({**base, "train": {
+        **base["train"], "epochs": plan.epochs, "batch_size": cfg.batch_size, "optimizer": "adam", "lr": plan.lr, "lr_decay": 0.0,
+        "weight_decay": 0.0, "clip_norm": cfg.clip_norm, "seed": cfg.seed, "device": "cpu", "threads": cfg.threads, "patience": cfg.patience,
+        "average_last": 0,  # the base recipe's checkpoint averaging is not the fine-tune's (its own callbacks run)
+    }})
+
+
+def _loss_terms(model: Tagger, prep: Prepared, cfg: FinetuneConfig, plan: Schedule, anchors: list[anchoring.Anchor]) -> list[Callable[[Tagger], Tensor]]:
+    terms: list[Callable[[Tagger], Tensor]] = []
+    if plan.ewc_lambda:
+        fisher_anchors = anchors
+        terms.append(lambda m: 0.5 * plan.ewc_lambda * anchoring.penalty(fisher_anchors))
+    if cfg.l2_to_base:
+        plain = [dataclasses.replace(a, fisher=torch.ones(())) for a in anchors]
+        terms.append(lambda m: cfg.l2_to_base * anchoring.penalty(plain))
+    if cfg.distill and prep.silver:
+        loaded = prep.loaded
+        terms.append(DistillTerm(loaded.model, loaded.vocab, prep.silver, loaded.config.model.max_word_length, cfg.batch_size, cfg.distill))
+    return terms
+
+
+@dataclass
+class Fitted:
+    model: Tagger
+    vocab: Vocabularies
+    growth: Growth
+    plan: Schedule
+    history: list[dict[str, Any]]
+    best_epoch: int
+    mixture: int  # sentences per epoch
+
+
+def fit(prep: Prepared, inputs: FinetuneInputs, cfg: FinetuneConfig, progress: Callable[[float, str], None], should_stop: Callable[[], bool]) -> Fitted:
+    """Grow the base, then train it on the corrections (plus rehearsal and base-corpus sentences)
+    with the regularisers, for the scheduled epochs or until the stopping part stops improving."""
+    loaded = prep.loaded
+    model, vocab, growth = grow(loaded, prep.train + prep.stop + prep.heldout + prep.time + prep.silver + prep.base_train, _vectors(inputs, loaded, cfg, progress))
+    progress(0.0, f"vocabulary +{len(growth.new_words)} word keys ({growth.pretrained_words} with pretrained vectors), "
+             f"+{len(growth.new_chars)} characters; new labels {growth.new_labels or 'none'}")
+    rng = random.Random(cfg.seed)
+    mixture: list[Sentence] = list(prep.train) * cfg.correction_weight
+    if prep.silver and cfg.rehearsal_ratio:
+        mixture += rng.sample(prep.silver, min(len(prep.silver), round(cfg.rehearsal_ratio * len(prep.train))))
+    if prep.base_train and cfg.base_ratio:
+        mixture += rng.sample(prep.base_train, min(len(prep.base_train), round(cfg.base_ratio * len(prep.train))))
+    base_state = {k: v.detach().clone() for k, v in loaded.model.named_parameters()}
+    _freeze_old(model, [p for p in cfg.freeze if p != "word_embedding"], {k: v.size(0) for k, v in base_state.items()})
+    rows = anchoring.word_rows(vocab, mixture)
+    if "word_embedding" in cfg.freeze:  # only the new words' rows learn
+        rows = [r for r in rows if r >= len(loaded.vocab.words)]
+    anchoring.attach_rows(model, rows)
+    anchors = anchoring.anchors(model, base_state, prep.fisher)
+    plan = schedule(cfg, len(prep.train), prep.fisher.sentences if prep.fisher is not None else 0)
+    progress(0.0, f"schedule: up to {plan.epochs} epochs of {plan.steps_per_epoch} steps, lr {plan.lr:g}, EWC lambda {plan.ewc_lambda:.3g}"
+             f"{'' if prep.stop else ' (no early stopping: too few documents)'}")
+    torch.manual_seed(cfg.seed)
+    callbacks: list[Callback] = [_FinetuneHooks(anchors, cfg.pull_to_base, plan.epochs, progress, should_stop)]
+    if prep.stop:
+        callbacks += [KeepBest(), EarlyStopping(cfg.patience)]
+
+    def adam(m: Tagger, tc: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=tc.lr)
+
+    trainer = Trainer(model, vocab, TrainData(mixture, prep.stop or None), _train_config(loaded, cfg, plan), callbacks,
+                      device=torch.device("cpu"), optimizer_factory=adam, loss_terms=_loss_terms(model, prep, cfg, plan, anchors))
+    result = trainer.fit()
+    anchoring.merge_rows(model)
+    model.eval()
+    history = [{"epoch": h.epoch, "loss": round(h.loss, 4), "stop_f1": h.dev_f1 if h.dev_f1 >= 0 else None, "seconds": round(h.seconds, 2)} for h in result.history]
+    return Fitted(model, vocab, growth, plan, history, result.best_epoch, len(mixture))
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _predicted_spans(predictor: Predictor, sentences: Sequence[Sentence]) -> list[list[Span]]:
+    groups = group_texts([s.doc_id for s in sentences])
+    results = [r for text in predictor.predict_texts([[sentences[i].tokens for i in g] for g in groups]) for r in text]
+    return [[Span(p.start, p.end, p.label) for p in r.spans] for r in results]
+
+
+def mention_key(tokens: Sequence[str], span: Span) -> tuple[str, ...]:
+    return tuple(t.lower() for t in tokens[span.start : span.end])
+
+
+def _part_scores(sentences: Sequence[Sentence], before: list[list[Span]], after: list[list[Span]], seen: set[tuple[str, ...]]) -> dict[str, Any]:
+    """F1 before/after on a held-out part, and on its unseen mentions only: gold and predicted
+    mentions whose text is not among the training corrections' mentions."""
+
+    def unseen(spans: list[list[Span]]) -> list[list[Span]]:
+        return [[sp for sp in row if mention_key(s.tokens, sp) not in seen] for s, row in zip(sentences, spans, strict=True)]
+
+    gold = [s.spans for s in sentences]
+    unseen_gold = unseen(gold)
+    return {
+        "documents": len({s.doc_id for s in sentences}),
+        "sentences": len(sentences),
+        "before": entity_scores(gold, before).to_dict(),
+        "after": entity_scores(gold, after).to_dict(),
+        "unseen": {
+            "mentions": sum(len(row) for row in unseen_gold),
+            "before": entity_scores(unseen_gold, unseen(before)).to_dict(),
+            "after": entity_scores(unseen_gold, unseen(after)).to_dict(),
+        },
+    }
+
+
+def forgetting_probe(base: Predictor, candidate: Predictor, texts: Sequence[Sequence[Sequence[str]]], confidence: float) -> dict[str, Any] | None:
+    """Of the base's spans at least ``confidence`` sure on ``texts`` (stored texts nobody corrected),
+    the share the candidate predicts too (same tokens, same label). None without such spans."""
+    if not texts:
+        return None
+    kept = total = 0
+    for base_text, cand_text in zip(base.predict_texts(texts), candidate.predict_texts(texts), strict=True):
+        for b, c in zip(base_text, cand_text, strict=True):
+            cand = {(p.start, p.end, p.label) for p in c.spans}
+            for p in b.spans:
+                if p.score >= confidence:
+                    total += 1
+                    kept += (p.start, p.end, p.label) in cand
+    if not total:
+        return None
+    return {"texts": len(texts), "confident_spans": total, "kept": kept, "agreement": kept / total, "confidence": confidence}
+
+
+def measure(prep: Prepared, candidate: Predictor, reference: Predictor, cfg: FinetuneConfig) -> dict[str, Any]:
+    """The candidate beside the reference on every held-out measure (None where a part is empty)."""
+    seen = {mention_key(s.tokens, sp) for s in prep.train + prep.stop for sp in s.spans}
+    out: dict[str, Any] = {}
+    for part, sentences in (("heldout", prep.heldout), ("time", prep.time)):
+        out[part] = _part_scores(sentences, _predicted_spans(reference, sentences), _predicted_spans(candidate, sentences), seen) if sentences else None
+    out["probe"] = forgetting_probe(reference, candidate, prep.probe, cfg.probe_confidence)
+    if prep.base_dev:
+        gold = [s.spans for s in prep.base_dev]
+        out["dev_before"] = entity_scores(gold, _predicted_spans(reference, prep.base_dev)).to_dict()
+        out["dev"] = entity_scores(gold, _predicted_spans(candidate, prep.base_dev)).to_dict()
+    return out
+
+
+# --- recording ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -327,149 +603,75 @@ class FinetuneResult:
     path: Path | None
     metrics: dict[str, Any]
     meta: ModelMeta
+    model: Tagger | None = None  # the fine-tuned model in memory (eval mode)
 
 
-def scores_dict(scores: Scores) -> dict[str, Any]:
-    return scores.to_dict()
+def _lineage(inputs: FinetuneInputs, prep: Prepared, fitted: Fitted, cfg: FinetuneConfig) -> dict[str, Any]:
+    loaded, splits = prep.loaded, prep.splits
+    return {
+        **inputs.lineage,
+        "method": "finetune",
+        "base_model": f"{loaded.meta.name} {loaded.meta.version}",
+        "base_path": str(Path(inputs.base_dir)),
+        "corrections": len(inputs.corrections),
+        "train_documents": len(splits.train),
+        "stop_documents": len(splits.stop),
+        "heldout_documents": len(splits.heldout),
+        "time_documents": len(splits.time),
+        "train_sentences": len(prep.train),
+        "heldout_sentences": len(prep.heldout),
+        "holdout_every": cfg.holdout_every,
+        "corrections_fingerprint": _fingerprint(inputs.corrections),
+        "rehearsal_sentences": len(prep.silver),
+        "base_corpus_sentences": len(prep.base_train),
+        "fisher_sentences": prep.fisher.sentences if prep.fisher is not None else 0,
+        "new_words": len(fitted.growth.new_words),
+        "new_words_pretrained": fitted.growth.pretrained_words,
+        "new_labels": fitted.growth.new_labels,
+        "finetune": cfg.to_dict(),
+    }
+
+
+def record(inputs: FinetuneInputs, prep: Prepared, fitted: Fitted, cfg: FinetuneConfig) -> tuple[ModelMeta, Predictor]:
+    """Write the folder (and carry the base's Fisher diagonal along); the predictor of what was
+    saved (saving rounds the word table, so measures come after)."""
+    loaded = prep.loaded
+    meta = ModelMeta(inputs.name or loaded.meta.name, inputs.version, loaded.config.language, loaded.config.model.tag_scheme,
+                     entity_types(fitted.vocab), lineage=_lineage(inputs, prep, fitted, cfg))
+    if inputs.out is not None:
+        save_model(inputs.out, fitted.model, loaded.config, fitted.vocab, meta, {})
+        source = Path(inputs.base_dir) / anchoring.FISHER_FILE
+        if source.is_file():
+            shutil.copyfile(source, Path(inputs.out) / anchoring.FISHER_FILE)
+    return meta, Predictor(fitted.model, fitted.vocab, loaded.config.model.max_word_length)
 
 
 def finetune(
-    base_dir: str | Path,
-    corrections: Sequence[Correction],
-    out: Path | None,
-    version: str,
-    config: FinetuneConfig | None = None,
-    name: str | None = None,
-    base_data: tuple[Sequence[Sentence], Sequence[Sentence]] | None = None,
-    rehearsal_texts: Sequence[str] = (),
-    lineage: dict[str, Any] | None = None,
-    pretrained: tuple[list[str], Any] | bool | None = True,
-    progress: Callable[[float, str], None] = lambda fraction, message: None,
-    should_stop: Callable[[], bool] = lambda: False,
+    inputs: FinetuneInputs, config: FinetuneConfig | None = None,
+    progress: Callable[[float, str], None] = lambda fraction, message: None, should_stop: Callable[[], bool] = lambda: False,
 ) -> FinetuneResult:
-    """Fine-tune the model in ``base_dir`` on ``corrections`` and save version ``version`` to ``out``.
-
-    ``base_data`` is (train, dev) of the base corpus (mixed in, and dev measured before and after);
-    ``rehearsal_texts`` are unlabelled texts the base model tags for pseudo-rehearsal; ``pretrained``
-    True loads the base config's vectors when installed, or pass (words, vectors), or None/False.
-    ``progress(fraction, message)`` is called after each epoch; ``should_stop()`` before each batch."""
+    """Fine-tune ``inputs.base_dir`` on ``inputs.corrections`` into version ``inputs.version``.
+    ``progress(fraction, message)`` is called after each step and epoch; ``should_stop()`` after each batch."""
     cfg = (config or FinetuneConfig()).validate()
-    check_version(version)
+    check_version(inputs.version)
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    loaded = load_model(base_dir, "cpu")
-    language = loaded.config.language
-    scheme = loaded.config.model.tag_scheme
-    train_docs, held_docs = split_corrections(corrections, cfg.holdout_every)
-    if not train_docs:
-        raise ValueError(f"all {len(corrections)} corrections fall in the held-out part; fine-tuning needs more corrections")
-    train_sents = to_sentences(train_docs, language)
-    held_sents = to_sentences(held_docs, language)
-    progress(0.0, f"{len(train_docs)} training documents ({len(train_sents)} sentences), {len(held_docs)} held out ({len(held_sents)} sentences)")
-
-    base_predictor = Predictor(loaded.model, loaded.vocab, loaded.config.model.max_word_length)
-    silver: list[Sentence] = []
-    if rehearsal_texts and cfg.rehearsal_ratio > 0:
-        from ml.data.tokenizer import get_tokenizer
-
-        tokenizer = get_tokenizer(language)
-        token_lists = [[t.text for t in sent] for sents in tokenizer.pipe_sentences(list(rehearsal_texts)) for sent in sents]
-        predictions = base_predictor.predict(token_lists) if token_lists else []
-        silver = [Sentence(tokens, [Span(p.start, p.end, p.label) for p in r.spans]) for tokens, r in zip(token_lists, predictions, strict=True)]
-    base_train, base_dev = (list(base_data[0]), list(base_data[1])) if base_data is not None else ([], [])
-
-    # before: the base on the held-out corrections (and on the base's dev set)
-    before_held = evaluate(base_predictor, held_sents) if held_sents else None
-    before_dev = evaluate(base_predictor, base_dev) if base_dev else None
-
-    vectors = None
-    if pretrained is True:
-        source = loaded.config.train.pretrained
-        if source:
-            try:
-                from ml.embeddings import load_vectors
-
-                vectors = load_vectors(source, cfg.pretrained_max_words)
-            except (RuntimeError, FileNotFoundError) as e:
-                progress(0.0, f"pretrained vectors {source!r} not available ({e}); new words start as <unk>")
-    elif pretrained:
-        vectors = pretrained
-    model, vocab, growth = grow(loaded, train_sents + held_sents + silver + base_train, vectors)
-    progress(0.0, f"vocabulary +{len(growth.new_words)} word keys ({growth.pretrained_words} with pretrained vectors), +{len(growth.new_chars)} characters; new labels {growth.new_labels or 'none'}")
-    base_state = {k: v.detach().clone() for k, v in loaded.model.named_parameters()}
-    old_rows = {k: v.size(0) for k, v in base_state.items()}
-    _freeze_old(model, cfg.freeze, old_rows)
-    anchor = _l2_anchor(model, base_state) if cfg.l2_to_base or cfg.pull_to_base else []
-    # the training set: the corrections, plus silver and base-corpus sentences drawn once
-    n = len(train_sents)
-    mixture: list[Sentence] = list(train_sents) * cfg.correction_weight
-    if silver and cfg.rehearsal_ratio:
-        mixture += rng.sample(silver, min(len(silver), round(cfg.rehearsal_ratio * n)))
-    if base_train and cfg.base_ratio:
-        mixture += rng.sample(base_train, min(len(base_train), round(cfg.base_ratio * n)))
-    base_dict = loaded.config.to_dict()
-    train_config = Config.from_dict({**base_dict, "train": {
-        **base_dict["train"], "epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": "adam", "lr": cfg.lr, "lr_decay": 0.0,
-        "weight_decay": 0.0, "clip_norm": cfg.clip_norm, "seed": cfg.seed, "device": "cpu", "threads": cfg.threads,
-        "average_last": 0,  # the base recipe's checkpoint averaging is not the fine-tune's (its own callbacks run)
-    }})
-
-    def adam(m: Tagger, tc: TrainConfig) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=tc.lr)
-
-    l2_terms = [lambda m: cfg.l2_to_base * _l2_penalty(anchor)] if cfg.l2_to_base else []
-    hooks = _FinetuneHooks(anchor, cfg.pull_to_base, cfg.epochs, progress, should_stop)
-    fitted = Trainer(model, vocab, TrainData(mixture, None), train_config, [hooks], device=torch.device("cpu"), optimizer_factory=adam, loss_terms=l2_terms).fit()
-    history = [{"epoch": h.epoch, "loss": h.loss, "sentences": len(mixture), "seconds": round(h.seconds, 2)} for h in fitted.history]
-    model.eval()
-
-    meta = ModelMeta(
-        name or loaded.meta.name, version, language, scheme, entity_types(vocab),
-        lineage={
-            **(lineage or {}),
-            "method": "finetune",
-            "base_model": f"{loaded.meta.name} {loaded.meta.version}",
-            "base_path": str(Path(base_dir)),
-            "corrections": len(corrections),
-            "train_documents": len(train_docs),
-            "heldout_documents": len(held_docs),
-            "train_sentences": len(train_sents),
-            "heldout_sentences": len(held_sents),
-            "holdout_every": cfg.holdout_every,
-            "corrections_fingerprint": _fingerprint(corrections),
-            "rehearsal_sentences": len(silver),
-            "base_corpus_sentences": len(base_train),
-            "new_words": len(growth.new_words),
-            "new_words_pretrained": growth.pretrained_words,
-            "new_labels": growth.new_labels,
-            "finetune": cfg.to_dict(),
-        },
-    )
-    if out is not None:
-        save_model(out, model, loaded.config, vocab, meta, {})  # rounds the embedding: measure after
-    predictor = Predictor(model, vocab, loaded.config.model.max_word_length)
-    after_held = evaluate(predictor, held_sents) if held_sents else None
-    after_dev = evaluate(predictor, base_dev) if base_dev else None
-    seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {
-        "heldout": {
-            "documents": len(held_docs),
-            "sentences": len(held_sents),
-            "before": scores_dict(before_held) if before_held else None,
-            "after": scores_dict(after_held) if after_held else None,
-        },
-        "train_seconds": round(seconds, 1),
-        "history": history,
-    }
-    if after_dev is not None and before_dev is not None:
-        metrics["dev"] = scores_dict(after_dev)
-        metrics["dev_before"] = scores_dict(before_dev)
-    if out is not None:
-        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return FinetuneResult(Path(out) if out is not None else None, metrics, meta)
+    prep = prepare(inputs, cfg, progress)
+    fitted = fit(prep, inputs, cfg, progress, should_stop)
+    meta, candidate = record(inputs, prep, fitted, cfg)
+    reference = Predictor.load(inputs.reference, script=False, fast=False) if inputs.reference is not None else \
+        Predictor(prep.loaded.model, prep.loaded.vocab, prep.loaded.config.model.max_word_length)
+    metrics = measure(prep, candidate, reference, cfg)
+    metrics.update({
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "history": fitted.history,
+        "schedule": {**dataclasses.asdict(fitted.plan), "best_epoch": fitted.best_epoch, "sentences_per_epoch": fitted.mixture},
+    })
+    if inputs.out is not None:
+        (Path(inputs.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return FinetuneResult(Path(inputs.out) if inputs.out is not None else None, metrics, meta, fitted.model)
 
 
 def _fingerprint(corrections: Sequence[Correction]) -> str:
@@ -483,34 +685,92 @@ def _fingerprint(corrections: Sequence[Correction]) -> str:
 
 
 @dataclass
+class GatePolicy:
+    min_gain: float = 0.0  # held-out (hash) F1 gain required
+    max_label_drop: float = 0.02  # F1 a label with enough support may lose on the held-out part
+    min_label_support: int = 1
+    min_unseen_gain: float = 0.0  # F1 gain required on unseen mentions (when there are min_unseen_mentions)
+    min_unseen_mentions: int = 20
+    max_time_drop: float = 0.0  # F1 the newest corrections may lose
+    min_probe_agreement: float = 0.9  # share of the base's confident spans on stored texts to keep
+    max_dev_drop: float = 0.005  # base-corpus dev F1 to lose, when measured
+
+
+@dataclass
 class Decision:
     promote: bool
     reason: str
     gain: float | None = None  # held-out F1 after - before
     worst_label: str | None = None
     worst_drop: float | None = None
+    checks: dict[str, Any] = field(default_factory=dict)  # the measure behind each rule that could be applied
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def promotion_decision(before: dict | None, after: dict | None, min_gain: float, max_label_drop: float, min_label_support: int = 1) -> Decision:
-    """Promote only when held-out F1 beats the active model's by ``min_gain`` and no label with at
-    least ``min_label_support`` held-out entities loses more than ``max_label_drop`` F1.
-    ``before``/``after`` are ``Scores.to_dict()`` of the active and the new model on the same texts."""
-    if before is None or after is None:
-        return Decision(False, "no held-out corrections to compare on: kept as a candidate")
-    gain = after["f1"] - before["f1"]
+def _worst_label(before: dict, after: dict, min_support: int) -> tuple[str | None, float]:
     worst, worst_drop = None, 0.0
     for label, s in before.get("per_type", {}).items():
-        if s.get("support", 0) < min_label_support:
+        if s.get("support", s.get("gold", 0)) < min_support:
             continue
         drop = s["f1"] - after.get("per_type", {}).get(label, {}).get("f1", 0.0)
         if drop > worst_drop:
             worst, worst_drop = label, drop
-    if gain < min_gain:
-        return Decision(False, f"held-out F1 {100 * after['f1']:.2f} vs {100 * before['f1']:.2f} of the active model: gain {100 * gain:+.2f} is below the required {100 * min_gain:.2f}", gain, worst, worst_drop)
-    if worst is not None and worst_drop > max_label_drop:
-        return Decision(False, f"label {worst} loses {100 * worst_drop:.2f} F1 on the held-out corrections (at most {100 * max_label_drop:.2f} allowed)", gain, worst, worst_drop)
-    return Decision(True, f"held-out F1 {100 * after['f1']:.2f} vs {100 * before['f1']:.2f} ({100 * gain:+.2f}); no label loses more than {100 * max_label_drop:.2f}", gain, worst, worst_drop)
+    return worst, worst_drop
 
+
+def _refusals(metrics: dict[str, Any], policy: GatePolicy, checks: dict[str, Any]) -> list[str]:
+    """The reasons to refuse beyond the held-out gain: forgetting, memorising, the newest texts."""
+    reasons = []
+    probe = metrics.get("probe")
+    if probe:
+        checks["probe_agreement"] = probe["agreement"]
+        if probe["agreement"] < policy.min_probe_agreement:
+            reasons.append(f"forgets: keeps {100 * probe['agreement']:.1f}% of the base model's {probe['confident_spans']} confident predictions on "
+                           f"{probe['texts']} stored texts nobody corrected (at least {100 * policy.min_probe_agreement:.0f}% required)")
+    if metrics.get("dev") and metrics.get("dev_before"):
+        drop = metrics["dev_before"]["f1"] - metrics["dev"]["f1"]
+        checks["dev_drop"] = drop
+        if drop > policy.max_dev_drop:
+            reasons.append(f"forgets the base domain: base-corpus dev F1 {100 * metrics['dev']['f1']:.2f} vs {100 * metrics['dev_before']['f1']:.2f} "
+                           f"(at most {100 * policy.max_dev_drop:.2f} may be lost)")
+    unseen = (metrics.get("heldout") or {}).get("unseen")
+    if unseen and unseen["mentions"] >= policy.min_unseen_mentions:
+        gain = unseen["after"]["f1"] - unseen["before"]["f1"]
+        checks["unseen_gain"] = gain
+        if gain < policy.min_unseen_gain:
+            reasons.append(f"only memorises: on the {unseen['mentions']} held-out mentions whose text never occurs in the training corrections F1 "
+                           f"{100 * unseen['after']['f1']:.2f} vs {100 * unseen['before']['f1']:.2f} ({100 * gain:+.2f}; at least {100 * policy.min_unseen_gain:+.2f} required)")
+    newest = metrics.get("time")
+    if newest:
+        drop = newest["before"]["f1"] - newest["after"]["f1"]
+        checks["time_gain"] = -drop
+        if drop > policy.max_time_drop:
+            reasons.append(f"loses on the newest corrections: F1 {100 * newest['after']['f1']:.2f} vs {100 * newest['before']['f1']:.2f} on "
+                           f"the {newest['documents']} newest documents")
+    return reasons
+
+
+def promotion_decision(metrics: dict[str, Any], policy: GatePolicy) -> Decision:
+    """Promote only when the hash held-out F1 beats the reference's by ``min_gain``, no label with
+    enough support loses more than ``max_label_drop``, and none of the other measures (present in
+    ``metrics`` as ``measure`` writes them) says the candidate forgets, memorises, or loses on the
+    newest corrections. Every reason that applies is given."""
+    held = metrics.get("heldout") or {}
+    before, after = held.get("before"), held.get("after")
+    if before is None or after is None:
+        return Decision(False, "no held-out corrections to compare on: kept as a candidate")
+    gain = after["f1"] - before["f1"]
+    worst, worst_drop = _worst_label(before, after, policy.min_label_support)
+    checks: dict[str, Any] = {"heldout_gain": gain}
+    reasons = []
+    if gain < policy.min_gain:
+        reasons.append(f"held-out F1 {100 * after['f1']:.2f} vs {100 * before['f1']:.2f} of the active model: gain {100 * gain:+.2f} is below the required {100 * policy.min_gain:.2f}")
+    if worst is not None and worst_drop > policy.max_label_drop:
+        reasons.append(f"label {worst} loses {100 * worst_drop:.2f} F1 on the held-out corrections (at most {100 * policy.max_label_drop:.2f} allowed)")
+    reasons += _refusals(metrics, policy, checks)
+    if reasons:
+        return Decision(False, "; ".join(reasons), gain, worst, worst_drop, checks)
+    return Decision(True, f"held-out F1 {100 * after['f1']:.2f} vs {100 * before['f1']:.2f} ({100 * gain:+.2f}); no label loses more than "
+                          f"{100 * policy.max_label_drop:.2f}; no sign of forgetting or memorising", gain, worst, worst_drop, checks)

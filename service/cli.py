@@ -181,7 +181,7 @@ def cmd_train_with_annotations(args: argparse.Namespace) -> int:
 
 def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
     """``ner finetune --annotations-from URL``: the stored corrections (keyed by document, for the
-    held-out split) and, when rehearsal is on, stored uncorrected texts, then ml's finetune."""
+    held-out split) and stored uncorrected texts (the forgetting probe; rehearsal when on), then ml's finetune."""
     if not args.annotations_from:
         return cmd_finetune(args)
     from ml.finetune import FinetuneConfig
@@ -189,7 +189,7 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
     from service.store.session import check_schema, make_engine, make_sessionmaker
     from service.training.exports import export_lines
 
-    config = FinetuneConfig().override(args.set or [])
+    FinetuneConfig().override(args.set or [])  # a bad --set fails before the database is read
     engine = make_engine(args.annotations_from)
     files = []
     try:
@@ -198,10 +198,9 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f, sessions() as session:
             files.append(f.name)
             count = sum(f.write(line) > 0 for line in export_lines(session, "jsonl", None))
-        texts: list[str] = []
-        if config.rehearsal_ratio > 0:
-            with sessions() as session:
-                texts = jobs_repo.rehearsal_texts(session, limit=args.rehearse_max)
+        with sessions() as session:
+            texts = jobs_repo.rehearsal_texts(session, limit=args.rehearse_max)
+        if texts:
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
                 files.append(f.name)
                 f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
@@ -212,7 +211,7 @@ def cmd_finetune_with_annotations(args: argparse.Namespace) -> int:
         if count == 0:
             print(f"error: no stored corrections in {args.annotations_from}", file=sys.stderr)
             return 2
-        print(f"fine-tuning on {count} stored corrections" + (f" and {len(texts)} stored texts for rehearsal" if texts else ""), file=sys.stderr)
+        print(f"fine-tuning on {count} stored corrections" + (f" and {len(texts)} stored uncorrected texts" if texts else ""), file=sys.stderr)
         args.corrections = (args.corrections or []) + [files[0]]
         args.lineage = {"annotations_from": engine.url.render_as_string(hide_password=True)}
         return cmd_finetune(args)
@@ -269,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
 
     finetune = sub.choices["finetune"]
     finetune.add_argument("--annotations-from", metavar="DATABASE_URL", help="the corrections (and, for rehearsal, the stored texts) of this database")
-    finetune.add_argument("--rehearse-max", type=int, default=2000, help="with --annotations-from and rehearsal_ratio > 0: stored texts used at most")
+    finetune.add_argument("--rehearse-max", type=int, default=2000, help="with --annotations-from: stored uncorrected texts read at most (forgetting probe, rehearsal)")
     finetune.set_defaults(func=cmd_finetune_with_annotations)
 
     bulk = sub.choices["bulk"]

@@ -95,7 +95,14 @@ class Settings(BaseSettings):
     promote_max_label_drop: float = Field(0.02, description="held-out F1 any one label may lose for a new version to be activated")
     promote_min_label_support: int = Field(10, description="labels with fewer held-out entities are not checked by the per-label rule (too noisy)")
     retrain_every_corrections: int = Field(0, description="the trainer queues a job by itself after this many new corrections; 0 = only POST /admin/retrain")
-    rehearsal_max_texts: int = Field(2000, description="stored, uncorrected texts used for pseudo-rehearsal (when finetune.rehearsal_ratio > 0)")
+    rehearsal_max_texts: int = Field(2000, description="stored, uncorrected texts a job reads: half probe the forgetting, half serve rehearsal / distillation when on")
+    promote_min_unseen_gain: float = Field(0.0, description="F1 a new version must gain on held-out mentions whose text never occurs in the training corrections (unseen names)")
+    promote_min_unseen_mentions: int = Field(20, description="fewer unseen held-out mentions than this: the unseen-name rule is not applied (too noisy)")
+    promote_max_time_drop: float = Field(0.01, description="F1 a new version may lose on the newest corrections (the time split)")
+    promote_min_probe_agreement: float = Field(0.9, description="share of the base model's confident predictions on stored uncorrected texts a new version must keep (the forgetting probe)")
+    promote_max_dev_drop: float = Field(0.005, description="base-corpus dev F1 a new version may lose (measured only with BASE_CORPUS)")
+    train_threads: int = Field(0, description="torch threads of a training job (ner worker); 0 = all the machine's cores")
+    base_corpus: str | None = Field(None, description="a folder with the base model's corpus (train.txt, dev.txt) for the trainer: mixed into fine-tunes and its dev F1 checked by the gate; unset = none")
     job_heartbeat_s: float = Field(5.0, description="how often a running job records that its worker is alive")
     job_stale_s: float = Field(120.0, description="a running job whose heartbeat is older than this is taken again by another worker")
     job_max_attempts: int = Field(3, description="a job whose worker died this many times is failed")
@@ -138,6 +145,8 @@ class Settings(BaseSettings):
             raise ValueError("INLINE_MAX_CHARS must be at least 0 (0 = never tag in the request's thread)")
         if not 0.01 <= self.gil_switch_ms <= 100:
             raise ValueError("GIL_SWITCH_MS must lie between 0.01 and 100")
+        if self.train_threads < 0:
+            raise ValueError("TRAIN_THREADS must be 0 (all cores) or positive")
         for name in ("max_body_bytes", "max_text_chars", "max_batch_texts", "batch_max_texts", "queue_max_texts", "torch_threads", "db_write_batch", "max_entities", "queue_max_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")

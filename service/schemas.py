@@ -209,7 +209,8 @@ class JobOut(BaseModel):
     progress: float = Field(description="0 to 1")
     log_tail: list[str]
     metrics: dict
-    decision: dict | None = Field(description="the promotion gate: promote, reason, gain, worst label and its drop")
+    decision: dict | None = Field(description="the promotion gate: promote, reason (every rule that refused), gain, worst label and its drop, checks (the measure behind each rule)")
+    curve: list[dict] = Field(default_factory=list, description="gain per number of corrections: one point per succeeded job up to this one (held-out, unseen-name and newest-corrections F1 gains, probe agreement)")
     error: str | None
     created_at: dt.datetime
     started_at: dt.datetime | None

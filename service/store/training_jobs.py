@@ -148,10 +148,16 @@ def last_success(session: Session) -> TrainingJob | None:
 
 def rehearsal_texts(session: Session, *, limit: int) -> list[str]:
     """Texts the service stored (from /tag) that nobody corrected, newest first: unlabelled text
-    from the users' own domain, for pseudo-rehearsal."""
+    from the users' own domain, for the forgetting probe and for pseudo-rehearsal / distillation."""
     corrected = select(Annotation.document_id)
     query = select(Document.text).where(Document.text.is_not(None), Document.id.not_in(corrected)).order_by(Document.created_at.desc()).limit(limit)
     return [t for t in session.scalars(query).all() if t]
+
+
+def succeeded_jobs(session: Session, *, up_to: int) -> list[TrainingJob]:
+    """Succeeded jobs with an id up to ``up_to``, oldest first (a job's gain curve)."""
+    query = select(TrainingJob).where(TrainingJob.status == SUCCEEDED, TrainingJob.id <= up_to).order_by(TrainingJob.id)
+    return list(session.scalars(query).all())
 
 
 @dataclass

@@ -6,6 +6,7 @@ The API only records jobs (``POST /admin/retrain``) and shows them (``GET /admin
 from __future__ import annotations
 
 import collections
+import os
 import re
 import threading
 import time
@@ -95,17 +96,21 @@ def get_job(session: Session, *, job_id: int) -> TrainingJob:
 
 
 class LogTail:
-    """The last LOG_TAIL lines of a job's log, with timestamps; thread-safe."""
+    """The last LOG_TAIL lines of a job's log, with timestamps; thread-safe. Each line also goes to
+    ``echo`` (the trainer's own log: an operator reads ``docker compose logs trainer``)."""
 
-    def __init__(self, initial: str = "") -> None:
+    def __init__(self, initial: str = "", echo: Callable[[str], None] | None = None) -> None:
         self.lines: collections.deque[str] = collections.deque(initial.splitlines()[-LOG_TAIL:], maxlen=LOG_TAIL)
         self.progress = 0.0
         self.lock = threading.Lock()
+        self.echo = echo
 
     def __call__(self, fraction: float, message: str) -> None:
         with self.lock:
             self.progress = max(self.progress, min(fraction, 1.0))
             self.lines.append(f"{time.strftime('%H:%M:%S')} {message}")
+        if self.echo is not None:
+            self.echo(message)
 
     def text(self) -> str:
         with self.lock:
@@ -116,17 +121,23 @@ class LogTail:
 class JobSettings:
     models_dir: Path
     finetune: dict[str, Any]
-    promote_min_gain: float
-    promote_max_label_drop: float
-    promote_min_label_support: int
-    rehearsal_max_texts: int
+    gate: Any  # ml.finetune.GatePolicy (ml is imported in the trainer only)
+    stored_max_texts: int
+    base_corpus: Path | None
+    threads: int
 
     @classmethod
     def from_settings(cls, settings) -> JobSettings:
-        return cls(
-            Path(settings.models_dir or default_models_dir()), dict(settings.finetune), settings.promote_min_gain, settings.promote_max_label_drop,
-            settings.promote_min_label_support, settings.rehearsal_max_texts,
+        from ml.finetune import GatePolicy
+
+        gate = GatePolicy(
+            min_gain=settings.promote_min_gain, max_label_drop=settings.promote_max_label_drop, min_label_support=settings.promote_min_label_support,
+            min_unseen_gain=settings.promote_min_unseen_gain, min_unseen_mentions=settings.promote_min_unseen_mentions,
+            max_time_drop=settings.promote_max_time_drop, min_probe_agreement=settings.promote_min_probe_agreement, max_dev_drop=settings.promote_max_dev_drop,
         )
+        corpus = Path(settings.base_corpus) if settings.base_corpus else None
+        return cls(Path(settings.models_dir or default_models_dir()), dict(settings.finetune), gate, settings.rehearsal_max_texts, corpus,
+                   settings.train_threads or os.cpu_count() or 1)
 
 
 @dataclass
@@ -136,15 +147,16 @@ class JobOutcome:
     decision: dict[str, Any]
 
 
-def run_job(
-    sessions: sessionmaker[Session], job: TrainingJob, settings: JobSettings, log: LogTail, should_stop: Callable[[], bool],
-) -> JobOutcome:
-    """Fine-tune, register, gate. Raises JobError (or any error of the training) on failure."""
-    from ml.finetune import finetune, promotion_decision, split_corrections, to_sentences
-    from ml.predictor import Predictor, evaluate
+@dataclass
+class _JobInputs:
+    base: ModelVersion
+    active: ModelVersion | None
+    corrections: list
+    stored: list[str]
+    version: str
 
-    overrides = {**settings.finetune, **(job.params.get("finetune") or {})}
-    config = finetune_config(overrides)
+
+def _job_inputs(sessions: sessionmaker[Session], job: TrainingJob, settings: JobSettings) -> _JobInputs:
     with sessions() as session:
         active = repositories.active_model(session)
         base = repositories.get_model(session, model_id=job.base_model_id) if job.base_model_id is not None else active
@@ -153,40 +165,93 @@ def run_job(
         corrections = load_corrections(session)
         if not corrections:
             raise JobError("no stored corrections to learn from")
-        rehearsal = jobs_repo.rehearsal_texts(session, limit=settings.rehearsal_max_texts) if config.rehearsal_ratio > 0 else []
+        # stored texts nobody corrected: the forgetting probe, and rehearsal / distillation when on
+        stored = jobs_repo.rehearsal_texts(session, limit=settings.stored_max_texts)
         versions = [m.version for m in repositories.list_models(session) if m.name == base.name]
-    version = next_version(versions, base.version)
-    out = settings.models_dir / f"{base.name}-{version}"
-    log(0.0, f"job {job.id} (attempt {job.attempts}): fine-tuning {base.name} {base.version} on {len(corrections)} corrections"
-        f"{f' and {len(rehearsal)} stored texts for rehearsal' if rehearsal else ''} into {version} at {out}")
+    return _JobInputs(base, active, corrections, stored, next_version(versions, base.version))
+
+
+def read_base_corpus(folder: Path | None):
+    """(train, dev) sentences of BASE_CORPUS, or None when unset; a set folder without them is an error."""
+    if folder is None:
+        return None
+    from ml.data import read_corpus
+
+    missing = [name for name in ("train.txt", "dev.txt") if not (folder / name).is_file()]
+    if missing:
+        raise JobError(f"BASE_CORPUS={folder} lacks {', '.join(missing)} (mount the base model's corpus there, or unset BASE_CORPUS)")
+    return read_corpus(folder / "train.txt"), read_corpus(folder / "dev.txt")
+
+
+def run_job(
+    sessions: sessionmaker[Session], job: TrainingJob, settings: JobSettings, log: LogTail, should_stop: Callable[[], bool],
+) -> JobOutcome:
+    """Fine-tune, register, gate. Raises JobError (or any error of the training) on failure."""
+    import torch
+
+    from ml.finetune import FinetuneInputs, finetune, promotion_decision
+
+    config = finetune_config({**settings.finetune, **(job.params.get("finetune") or {})})
+    torch.set_num_threads(config.threads or settings.threads)
+    inputs = _job_inputs(sessions, job, settings)
+    base, active = inputs.base, inputs.active
+    out = settings.models_dir / f"{base.name}-{inputs.version}"
+    base_data = read_base_corpus(settings.base_corpus)
+    log(0.0, f"job {job.id} (attempt {job.attempts}): fine-tuning {base.name} {base.version} on {len(inputs.corrections)} corrections "
+        f"({len(inputs.stored)} stored texts nobody corrected{', the base corpus' if base_data else ''}) into {inputs.version} at {out}, "
+        f"{torch.get_num_threads()} threads")
+    # the gate compares with the version being served, on the same held-out texts
+    reference = active.path if active is not None and active.id != base.id else None
     result = finetune(
-        base.path, corrections, out, version, config, base.name, rehearsal_texts=rehearsal,
-        lineage={"job_id": job.id, "base_model_id": base.id}, progress=lambda f, m: log(0.95 * f, m), should_stop=should_stop,
+        FinetuneInputs(base.path, inputs.corrections, inputs.version, out, base.name, base_data, inputs.stored, reference,
+                       lineage={"job_id": job.id, "base_model_id": base.id}),
+        config, progress=lambda f, m: log(0.95 * f, m), should_stop=should_stop,
     )
-    metrics = result.metrics
-    held = metrics["heldout"]
-    before = held["before"]
-    if active is not None and active.id != base.id and held["after"] is not None:
-        # the gate compares with the version being served, on the same held-out texts
-        _, held_docs = split_corrections(corrections, config.holdout_every)
-        sentences = to_sentences(held_docs, result.meta.language)
-        before = evaluate(Predictor.load(active.path, script=False), sentences).to_dict()
-        log(0.97, f"active {active.name} {active.version} on the held-out corrections: F1 {100 * before['f1']:.2f}")
-    decision = promotion_decision(before, held["after"], settings.promote_min_gain, settings.promote_max_label_drop, settings.promote_min_label_support)
+    decision = promotion_decision(result.metrics, settings.gate)
     log(0.98, f"{'promoted' if decision.promote else 'kept as a candidate'}: {decision.reason}")
     promotion = {**decision.to_dict(), "job_id": job.id, "compared_with": f"{active.name} {active.version}" if active is not None else None}
     with sessions() as session:
-        row = repositories.register_model(session, name=result.meta.name, version=version, path=str(out), metrics=metrics, lineage=result.meta.lineage)
+        row = repositories.register_model(session, name=result.meta.name, version=inputs.version, path=str(out), metrics=result.metrics, lineage=result.meta.lineage)
         jobs_repo.set_promotion(session, model_id=row.id, promotion=promotion)
         if decision.promote:
             row = repositories.activate_model(session, model_id=row.id)
         session.refresh(row)
-    summary = {
+    return JobOutcome(row, job_summary(row, result.metrics, len(inputs.corrections)), promotion)
+
+
+def job_summary(row: ModelVersion, metrics: dict[str, Any], corrections: int) -> dict[str, Any]:
+    """A finished job's metrics: the new version and every held-out measure, before and after."""
+    held = metrics.get("heldout") or {}
+    return {
         "model": {"id": row.id, "name": row.name, "version": row.version, "path": row.path},
-        "heldout_f1_before": before["f1"] if before else None,
-        "heldout_f1_after": held["after"]["f1"] if held["after"] else None,
-        "heldout": {"before": before, "after": held["after"], "documents": held["documents"]},
+        "heldout_f1_before": held["before"]["f1"] if held else None,
+        "heldout_f1_after": held["after"]["f1"] if held else None,
+        "heldout": metrics.get("heldout"),
+        "time": metrics.get("time"),
+        "probe": metrics.get("probe"),
+        **({"dev_before": metrics["dev_before"], "dev": metrics["dev"]} if "dev" in metrics else {}),
+        "schedule": metrics.get("schedule"),
         "train_seconds": metrics["train_seconds"],
-        "corrections": len(corrections),
+        "corrections": corrections,
     }
-    return JobOutcome(row, summary, promotion)
+
+
+def _gain(part: dict[str, Any] | None) -> float | None:
+    if not part or not part.get("before") or not part.get("after"):
+        return None
+    return round(part["after"]["f1"] - part["before"]["f1"], 4)
+
+
+def gain_curve(session: Session, job: TrainingJob) -> list[dict[str, Any]]:
+    """The gain per number of corrections: one point per succeeded job up to this one (its own
+    included), each measured by that job on its held-out parts against the model it was compared with."""
+    points = []
+    for j in jobs_repo.succeeded_jobs(session, up_to=job.id):
+        m = j.metrics or {}
+        held = m.get("heldout") or {}
+        points.append({
+            "job_id": j.id, "corrections": m.get("corrections", j.corrections), "version": (m.get("model") or {}).get("version"),
+            "heldout_gain": _gain(held), "unseen_gain": _gain(held.get("unseen")), "time_gain": _gain(m.get("time")),
+            "probe_agreement": (m.get("probe") or {}).get("agreement"), "promoted": bool((j.decision or {}).get("promote")),
+        })
+    return points

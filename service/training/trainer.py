@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import traceback
 import uuid
@@ -89,7 +90,7 @@ class Worker:
 
     def work(self, job: TrainingJob) -> str:
         """Run a claimed job to its end; returns its final status (or "abandoned"/"requeued")."""
-        tail = LogTail(job.log)
+        tail = LogTail(job.log, echo=lambda message: log.info("job %d: %s", job.id, message))
         tail(0.0, f"taken by worker {self.name} (attempt {job.attempts})")
         lost = threading.Event()  # the job was taken over by another worker
         beating = threading.Event()
@@ -146,8 +147,9 @@ def main(settings, once: bool = False) -> int:
 
     from service.store.session import check_schema, make_engine, make_sessionmaker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(settings.torch_threads)
+    # stdout: `docker compose logs trainer` shows each job's progress lines as the job row does
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    torch.set_num_threads(settings.train_threads or os.cpu_count() or 1)
     engine = make_engine(settings.database_url, settings.db_timeout_s, pool_size=2)
     try:
         check_schema(engine)

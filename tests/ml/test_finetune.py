@@ -10,7 +10,18 @@ import torch
 from ml.artifact import load_model
 from ml.config import ConfigError
 from ml.data import Sentence
-from ml.finetune import Correction, FinetuneConfig, finetune, grow, is_held_out, promotion_decision, read_corrections, to_sentences
+from ml.finetune import (
+    Correction,
+    FinetuneConfig,
+    FinetuneInputs,
+    GatePolicy,
+    finetune,
+    grow,
+    is_held_out,
+    promotion_decision,
+    read_corrections,
+    to_sentences,
+)
 from ml.labels import Span
 from ml.modules.crf import CRF, FORBIDDEN
 from ml.predictor import Predictor
@@ -78,9 +89,9 @@ def test_finetune_learns_a_new_label_and_records_before_after_and_lineage(small_
             f.write(json.dumps({"text": c.text, "entities": [{"start": s, "end": e, "label": label} for s, e, label in c.entities], "meta": {"document_id": c.key}}) + "\n")
     corrections = read_corrections(path)
     assert [c.key for c in corrections] == [c.key for c in product_corrections()]
-    config = FinetuneConfig(epochs=25, lr=0.01, holdout_every=2, threads=1, l2_to_base=0.001)
+    config = FinetuneConfig(epochs=25, lr=0.01, holdout_every=2, time_holdout=0.0, stop_every=0, threads=1, l2_to_base=0.001)
     messages = []
-    result = finetune(small_model_dir, corrections, tmp_path / "v2", "1.1.0", config, progress=lambda f, m: messages.append((f, m)))
+    result = finetune(FinetuneInputs(small_model_dir, corrections, "1.1.0", tmp_path / "v2"), config, progress=lambda f, m: messages.append((f, m)))
     held = result.metrics["heldout"]
     assert held["documents"] == sum(is_held_out(c.key, 2) for c in corrections) > 0
     assert "PRODUCT" not in held["before"]["per_type"] or held["before"]["per_type"]["PRODUCT"]["f1"] == 0.0
@@ -101,7 +112,7 @@ def test_finetune_learns_a_new_label_and_records_before_after_and_lineage(small_
 
 def test_frozen_parts_keep_the_base_weights(small_model_dir, tmp_path):
     config = FinetuneConfig(epochs=2, lr=0.01, freeze=["encoder", "char_encoder"], holdout_every=0, threads=1)
-    finetune(small_model_dir, product_corrections()[:6], tmp_path / "v2", "1.1.0", config, pretrained=None)
+    finetune(FinetuneInputs(small_model_dir, product_corrections()[:6], "1.1.0", tmp_path / "v2", pretrained=None), config)
     old, new = load_model(small_model_dir).model.state_dict(), load_model(tmp_path / "v2").model.state_dict()
     for name in old:
         if name.startswith("encoder.") or name == "char_encoder.conv.weight":
@@ -115,23 +126,28 @@ def test_frozen_parts_keep_the_base_weights(small_model_dir, tmp_path):
     assert not torch.equal(new_chars[old_chars.size(0) :], old_chars[1].expand_as(new_chars[old_chars.size(0) :]))
 
 
-def test_promotion_gate():
-    def scores(f1, per):
-        return {"f1": f1, "per_type": {k: {"f1": v, "support": s} for k, (v, s) in per.items()}}
+def _scores(f1, per=None):
+    return {"f1": f1, "per_type": {k: {"f1": v, "support": s} for k, (v, s) in (per or {}).items()}}
 
-    before = scores(0.70, {"PER": (0.9, 50), "LOC": (0.8, 40), "MISC": (0.5, 3)})
-    assert promotion_decision(before, scores(0.80, {"PER": (0.9, 50), "LOC": (0.85, 40), "MISC": (0.0, 3)}), 0.01, 0.02, 10).promote
-    low = promotion_decision(before, scores(0.705, {"PER": (0.9, 50), "LOC": (0.8, 40)}), 0.01, 0.02)
+
+def test_promotion_gate_on_the_held_out_gain_and_labels():
+    before = _scores(0.70, {"PER": (0.9, 50), "LOC": (0.8, 40), "MISC": (0.5, 3)})
+
+    def decide(after, min_gain=0.01, support=1):
+        return promotion_decision({"heldout": {"before": before, "after": after}}, GatePolicy(min_gain=min_gain, max_label_drop=0.02, min_label_support=support))
+
+    assert decide(_scores(0.80, {"PER": (0.9, 50), "LOC": (0.85, 40), "MISC": (0.0, 3)}), support=10).promote
+    low = decide(_scores(0.705, {"PER": (0.9, 50), "LOC": (0.8, 40)}))
     assert not low.promote and "below the required 1.00" in low.reason
-    drop = promotion_decision(before, scores(0.80, {"PER": (0.85, 50), "LOC": (0.95, 40), "MISC": (0.5, 3)}), 0.01, 0.02)
+    drop = decide(_scores(0.80, {"PER": (0.85, 50), "LOC": (0.95, 40), "MISC": (0.5, 3)}))
     assert not drop.promote and drop.worst_label == "PER" and "label PER loses 5.00" in drop.reason
-    assert not promotion_decision(None, None, 0.0, 1.0).promote
+    assert not promotion_decision({"heldout": None}, GatePolicy()).promote
 
 
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="epochs"):
         FinetuneConfig.from_dict({"epochs": "many"})
-    with pytest.raises(ConfigError, match="unknown settings"):
+    with pytest.raises(ConfigError, match="unknown keys"):
         FinetuneConfig.from_dict({"epoch": 3})
     with pytest.raises(ConfigError, match="freeze"):
         FinetuneConfig().override(["freeze=encoder,decoder"])
@@ -145,7 +161,7 @@ def test_pull_to_base_holds_the_weights_near_the_base(small_model_dir, tmp_path)
 
     def deviation(name: str, **settings) -> float:
         config = FinetuneConfig(epochs=3, lr=0.01, holdout_every=0, threads=1, **settings)
-        finetune(small_model_dir, product_corrections()[:8], tmp_path / name, "1.1.0", config, pretrained=None)
+        finetune(FinetuneInputs(small_model_dir, product_corrections()[:8], "1.1.0", tmp_path / name, pretrained=None), config)
         new = load_model(tmp_path / name).model.state_dict()
         return max(float((new["encoder.weight_hh_l0"] - base["encoder.weight_hh_l0"]).abs().max()),
                    float((new["projection.weight"][:k] - base["projection.weight"]).abs().max()))
@@ -163,5 +179,207 @@ def test_a_base_trained_with_weight_averaging_fine_tunes_for_fewer_epochs(small_
     config = json.loads((base / "config.json").read_text())
     config["train"]["epochs"], config["train"]["average_last"] = 10, 5
     (base / "config.json").write_text(json.dumps(config))
-    finetune(base, product_corrections()[:4], tmp_path / "v2", "1.1.0", FinetuneConfig(epochs=1, holdout_every=0, threads=1), pretrained=None)
+    finetune(FinetuneInputs(base, product_corrections()[:4], "1.1.0", tmp_path / "v2", pretrained=None), FinetuneConfig(epochs=1, holdout_every=0, threads=1))
     assert load_model(tmp_path / "v2").meta.version == "1.1.0"
+
+
+# --- the splits, the schedule ---------------------------------------------------------------------
+
+
+def _documents(n: int) -> list[Correction]:
+    return [Correction(f"doc-{i}", f"Olga met Tom in Oslo number {i} .", [(0, 4, "PER"), (9, 12, "PER"), (16, 20, "LOC")]) for i in range(n)]
+
+
+def test_splits_are_disjoint_the_time_split_is_the_newest_and_stopping_never_takes_the_gates_part():
+    from ml.finetune import split_all
+
+    docs = _documents(200)
+    splits = split_all(docs, FinetuneConfig(holdout_every=5, time_holdout=0.1, stop_every=10))
+    keys = [[c.key for c in part] for part in (splits.train, splits.stop, splits.heldout, splits.time)]
+    assert sum(map(len, keys)) == 200 and len(set().union(*map(set, keys))) == 200
+    assert keys[2] == [c.key for c in docs if is_held_out(c.key, 5)], "the gate's hash part does not depend on the other splits"
+    assert len(splits.time) == 20 and keys[3] == [c.key for c in docs if not is_held_out(c.key, 5)][-20:]
+    assert 0 < len(splits.stop) < len(splits.train)
+    # few documents: no time split and no stopping split, only the hash part is taken out
+    small = split_all(docs[:10], FinetuneConfig(holdout_every=5, time_holdout=0.1, stop_every=10))
+    assert not small.time and not small.stop and len(small.train) + len(small.heldout) == 10
+
+
+def test_schedule_fits_ten_and_five_thousand_texts():
+    from ml.finetune import TARGET_STEPS, schedule
+
+    cfg = FinetuneConfig()
+    few, many = schedule(cfg, 60, 17000), schedule(cfg, 7000, 17000)
+    assert few.epochs > many.epochs and few.epochs <= cfg.max_epochs and many.epochs >= cfg.min_epochs
+    assert few.epochs * few.steps_per_epoch >= min(TARGET_STEPS, cfg.max_epochs * few.steps_per_epoch)
+    assert few.ewc_lambda > many.ewc_lambda > 0, "a few corrections move the weights less than many"
+    assert schedule(cfg, 60, 0).ewc_lambda == 0.0, "no Fisher, no consolidation"
+    assert schedule(FinetuneConfig(epochs=4), 60, 17000).epochs == 4
+
+
+def test_settings_are_built_by_the_config_builder():
+    assert FinetuneConfig.from_dict({"lr": 1, "freeze": ["encoder"]}).lr == 1.0
+    with pytest.raises(ConfigError, match="should be of type int"):
+        FinetuneConfig.from_dict({"stop_every": True})
+    with pytest.raises(ConfigError, match="freeze"):
+        FinetuneConfig.from_dict({"freeze": [1]})
+    with pytest.raises(ConfigError, match="time_holdout"):
+        FinetuneConfig.from_dict({"time_holdout": 1.0})
+    with pytest.raises(ConfigError, match="min_epochs"):
+        FinetuneConfig.from_dict({"min_epochs": 9, "max_epochs": 3})
+
+
+# --- the held-out measures and the gate -----------------------------------------------------------
+
+
+def test_unseen_mentions_count_only_names_the_training_corrections_never_had():
+    from ml.finetune import _part_scores
+
+    sentences = [Sentence(["Olga", "met", "Zed", "Quux", "."], [Span(0, 1, "PER"), Span(2, 4, "PER")], doc_id=0)]
+    memorised = [[Span(0, 1, "PER")]]  # finds the name it was trained on, misses the new one
+    general = [[Span(0, 1, "PER"), Span(2, 4, "PER")]]
+    scores = _part_scores(sentences, memorised, general, seen={("olga",)})
+    assert scores["unseen"]["mentions"] == 1
+    assert scores["unseen"]["before"]["f1"] == 0.0 and scores["unseen"]["after"]["f1"] == 1.0
+    assert scores["before"]["f1"] == pytest.approx(2 / 3) and scores["after"]["f1"] == 1.0
+
+
+def test_forgetting_probe_measures_the_share_of_confident_base_spans_kept(small_model_dir, corpus):
+    from ml.finetune import forgetting_probe
+
+    base = Predictor.load(small_model_dir)
+    texts = [[s.tokens] for s in corpus[:20]]
+    same = forgetting_probe(base, base, texts, 0.5)
+    assert same is not None and same["agreement"] == 1.0 and same["confident_spans"] > 0
+
+    class Blank:
+        def predict_texts(self, texts):
+            return [[type("R", (), {"spans": []})() for _ in text] for text in texts]
+
+    blank = forgetting_probe(base, Blank(), texts, 0.5)  # type: ignore[arg-type]
+    assert blank is not None and blank["agreement"] == 0.0
+    assert forgetting_probe(base, base, [], 0.5) is None
+
+
+def _measures(held_gain=0.10, unseen_gain=0.05, unseen_mentions=40, probe=0.97, time_gain=0.02, dev_drop=None):
+    metrics = {
+        "heldout": {"before": _scores(0.60), "after": _scores(0.60 + held_gain),
+                    "unseen": {"mentions": unseen_mentions, "before": _scores(0.50), "after": _scores(0.50 + unseen_gain)}},
+        "time": {"documents": 12, "before": _scores(0.55), "after": _scores(0.55 + time_gain)},
+        "probe": {"texts": 300, "confident_spans": 800, "kept": round(800 * probe), "agreement": probe},
+    }
+    if dev_drop is not None:
+        metrics.update(dev_before=_scores(0.95), dev=_scores(0.95 - dev_drop))
+    return metrics
+
+
+def test_gate_promotes_a_candidate_that_gains_on_new_names_and_keeps_the_base():
+    decision = promotion_decision(_measures(), GatePolicy())
+    assert decision.promote, decision.reason
+    assert decision.checks["unseen_gain"] == pytest.approx(0.05) and decision.checks["probe_agreement"] == 0.97
+
+
+def test_gate_refuses_a_candidate_that_forgets_the_base_domain():
+    forgets = promotion_decision(_measures(probe=0.7), GatePolicy())
+    assert not forgets.promote and forgets.reason.startswith("forgets:") and "70.0% of the base model's 800 confident predictions" in forgets.reason
+    dev = promotion_decision(_measures(dev_drop=0.02), GatePolicy(max_dev_drop=0.005))
+    assert not dev.promote and "forgets the base domain" in dev.reason
+
+
+def test_gate_refuses_a_candidate_whose_gain_is_only_memorised_names():
+    memorises = promotion_decision(_measures(held_gain=0.14, unseen_gain=-0.01), GatePolicy())
+    assert not memorises.promote and "only memorises" in memorises.reason and "40 held-out mentions" in memorises.reason
+    # too few unseen mentions to judge: the rule does not apply
+    assert promotion_decision(_measures(unseen_gain=-0.01, unseen_mentions=5), GatePolicy()).promote
+
+
+def test_gate_refuses_a_candidate_that_loses_on_the_newest_corrections_and_gives_every_reason():
+    decision = promotion_decision(_measures(time_gain=-0.03, probe=0.5), GatePolicy())
+    assert not decision.promote and "newest corrections" in decision.reason and "forgets" in decision.reason
+
+
+# --- against forgetting -----------------------------------------------------------------------
+
+
+def test_row_correction_changes_only_its_rows_and_merges_back():
+    from ml.anchoring import RowCorrection
+
+    base = torch.nn.Embedding(10, 4, padding_idx=0)
+    original = base.weight.detach().clone()
+    module = RowCorrection(base, [3, 7])
+    ids = torch.tensor([[0, 3, 5, 7]])
+    assert torch.equal(module(ids), original[ids])
+    with torch.no_grad():
+        module.correction.add_(1.0)
+    out = module(ids)
+    assert torch.equal(out[0, 0], original[0]) and torch.equal(out[0, 2], original[5]) and torch.equal(out[0, 1], original[3] + 1)
+    merged = module.merged()
+    assert torch.equal(merged(ids), out) and {k: p.requires_grad for k, p in module.named_parameters()} == {"correction": True, "base.weight": False}
+    with pytest.raises(ValueError, match="trainable rows"):
+        RowCorrection(torch.nn.Embedding(10, 4), [0])
+
+
+def test_fisher_round_trips_through_the_folder_as_numbers_and_ewc_holds_the_weights(small_model_dir, corpus, tmp_path):
+    import shutil
+
+    from ml.anchoring import FISHER_FILE, fisher_information, load_fisher, save_fisher
+
+    folder = tmp_path / "base"
+    shutil.copytree(small_model_dir, folder)
+    loaded = load_model(folder)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    fisher = fisher_information(loaded.model, loaded.vocab, corpus, loaded.config.model.max_word_length, "bioes", max_sentences=40)
+    after = loaded.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items()), "measuring leaves the model as it was"
+    assert fisher.sentences == len(corpus) and fisher.sample == 40
+    assert fisher.values["word_embedding.weight"].shape == (len(loaded.vocab.words), 1)
+    assert all(float(v.min()) >= 0 for v in fisher.values.values()) and float(fisher.values["projection.weight"].sum()) > 0
+    save_fisher(folder, fisher)
+    again = load_fisher(folder)
+    assert again is not None and again.sentences == fisher.sentences and torch.equal(again.values["head.transitions"], fisher.values["head.transitions"])
+    assert b"Olga" not in (folder / FISHER_FILE).read_bytes(), "the folder carries numbers, never the corpus's text"
+    assert load_fisher(small_model_dir) is None
+
+    base = {k: p.detach() for k, p in load_model(folder).model.named_parameters()}
+
+    def deviation(name: str, ewc: float) -> float:
+        """sum F (theta - theta_base)^2 over the base's block: what the penalty keeps small."""
+        config = FinetuneConfig(epochs=3, lr=0.01, holdout_every=0, threads=1, ewc=ewc)
+        result = finetune(FinetuneInputs(folder, product_corrections()[:8], "1.1.0", tmp_path / name, pretrained=None), config)
+        assert (tmp_path / name / FISHER_FILE).is_file(), "a fine-tuned version carries the base's Fisher along"
+        assert result.metrics["schedule"]["ewc_lambda"] == (ewc * len(corpus) / result.meta.lineage["train_sentences"] if ewc else 0.0)
+        params = {k: p.detach() for k, p in load_model(tmp_path / name).model.named_parameters()}
+        return sum(float((fisher.values[k] * (params[k][tuple(slice(0, n) for n in b.shape)] - b).pow(2)).sum())
+                   for k, b in base.items() if k != "word_embedding.weight")
+
+    assert deviation("held", 1e4) < 0.2 * deviation("free", 0.0)
+
+
+def test_distillation_term_is_zero_for_the_base_itself(small_model_dir, corpus):
+    from ml.finetune import DistillTerm
+
+    loaded = load_model(small_model_dir)
+    term = DistillTerm(loaded.model, loaded.vocab, corpus[:10], loaded.config.model.max_word_length, 4, 1.0)
+    assert len(term.batches) == 3
+    assert float(term(loaded.model)) == pytest.approx(0.0, abs=1e-4)
+    with torch.no_grad():
+        loaded.model.projection.bias[0] += 5.0
+    assert float(term(loaded.model)) > 0.01
+
+
+def test_finetune_reports_every_measure_and_stops_early_on_its_own_split(small_model_dir, corpus, tmp_path):
+    corrections = _documents(80)
+    stored = [" ".join(s.tokens) for s in corpus[:30]]
+    config = FinetuneConfig(epochs=6, lr=0.01, threads=1, patience=1, distill=0.5, rehearsal_ratio=0.5)
+    messages: list[str] = []
+    result = finetune(FinetuneInputs(small_model_dir, corrections, "1.1.0", None, stored_texts=stored, pretrained=None), config,
+                      progress=lambda f, m: messages.append(m))
+    m = result.metrics
+    lineage = result.meta.lineage
+    assert lineage["stop_documents"] > 0 and lineage["time_documents"] == 8
+    assert m["heldout"]["documents"] == lineage["heldout_documents"] and m["time"]["documents"] == 8
+    assert m["heldout"]["unseen"]["mentions"] == 0, "every held-out name occurs in the training corrections"
+    assert m["probe"] is not None and 0.0 <= m["probe"]["agreement"] <= 1.0
+    assert m["schedule"]["epochs"] == 6 and 1 <= m["schedule"]["best_epoch"] <= len(m["history"]) <= 6
+    assert all(h["stop_f1"] is not None for h in m["history"])
+    assert any(msg.startswith("schedule:") for msg in messages) and result.path is None and result.model is not None

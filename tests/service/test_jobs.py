@@ -114,6 +114,12 @@ def test_retrain_job_survives_a_killed_worker_and_the_gate_promotes(tmp_path, sm
         assert done["progress"] == 1.0 and any("taken by worker" in line for line in done["log_tail"])
         decision = done["decision"]
         assert decision["promote"] is True, decision
+        assert decision["checks"]["heldout_gain"] > 0.01 and "time_gain" in decision["checks"]
+        # the trainer's own output carries the job's progress lines (docker compose logs trainer)
+        assert re.search(rf"service\.training\.trainer: job {job['id']}: epoch 30/30: loss", log2.read_text()), log2.read_text()[-2000:]
+        # the gain curve: one point per succeeded job up to this one
+        assert [p["job_id"] for p in done["curve"]] == [job["id"]] and done["curve"][0]["heldout_gain"] > 0.01
+        assert done["curve"][0]["corrections"] == count and done["metrics"]["time"]["documents"] == 3
         metrics = done["metrics"]
         assert metrics["heldout_f1_after"] > metrics["heldout_f1_before"] + 0.01
         assert metrics["model"]["version"] == "1.1.0"
@@ -141,6 +147,8 @@ def test_retrain_job_survives_a_killed_worker_and_the_gate_promotes(tmp_path, sm
         second_job = c.get(f"/admin/jobs/{r.json()['id']}", headers=ADMIN).json()
         assert second_job["status"] == "succeeded" and second_job["decision"]["promote"] is False
         assert "below the required" in second_job["decision"]["reason"]
+        assert [p["job_id"] for p in second_job["curve"]] == [job["id"], second_job["id"]] and second_job["curve"][1]["promoted"] is False
+        assert f"job {second_job['id']}: kept as a candidate" in out.stdout
         versions = {m["version"]: m for m in c.get("/admin/models", headers=ADMIN).json()}
         assert not versions["1.2.0"]["active"] and "below the required" in versions["1.2.0"]["promotion"]["reason"]
         assert c.get("/model").json()["version"] == "1.1.0"

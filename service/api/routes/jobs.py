@@ -16,13 +16,13 @@ from service.training import retrain as retraining
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
 
-def job_out(job: TrainingJob) -> JobOut:
+def job_out(job: TrainingJob, curve: list[dict] | None = None) -> JobOut:
     return JobOut(
         id=job.id, status=job.status, trigger=job.trigger, params=job.params or {}, base_model_id=job.base_model_id,
         result_model_id=job.result_model_id, corrections=job.corrections, worker=job.worker, attempts=job.attempts,
         progress=job.progress, log_tail=(job.log or "").splitlines(), metrics=job.metrics or {}, decision=job.decision,
         error=job.error, created_at=_utc(job.created_at), started_at=_utc(job.started_at), heartbeat_at=_utc(job.heartbeat_at),
-        finished_at=_utc(job.finished_at),
+        finished_at=_utc(job.finished_at), curve=curve or [],
     )
 
 
@@ -59,4 +59,6 @@ JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a training job id f
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, session: SessionDep):
-    return job_out(retraining.get_job(session, job_id=job_id))
+    """One job, with its gain curve: the gain per number of corrections of every succeeded job up to it."""
+    job = retraining.get_job(session, job_id=job_id)
+    return job_out(job, retraining.gain_curve(session, job))
