@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ml import word_tuning
-from ml.artifact import ModelMeta, build_model, entity_types, save_model
+from ml.artifact import ModelMeta, build_model, check_version, entity_types, save_model
 from ml.config import Config, TrainConfig
 from ml.data import Example
 from ml.data.augment import CaseAugmenter, drop_words
@@ -582,6 +582,8 @@ def train(
     callbacks (or the given ones). ``dev_data=None`` trains for exactly ``train.epochs`` epochs with
     no dev selection (e.g. a final fit on train+dev)."""
     config.validate()
+    if out is not None:
+        check_version(version)  # before the epochs, not when the folder is written at the end
     tc = config.train
     dist = _Distributed()
     device = pick_device(tc.device, dist.local_rank)

@@ -96,3 +96,15 @@ def test_word_dropout_replaces_only_real_tokens_at_the_rate():
         drop_words(words, mask, 1.0, torch.Generator())
     with pytest.raises(ConfigError, match="word_dropout"):
         small_config(train__word_dropout=-0.5)
+
+
+def test_a_bad_version_fails_before_training(tmp_path):
+    epochs: list[int] = []
+
+    class Count(ml.train.Callback):
+        def on_epoch_end(self, trainer, log):
+            epochs.append(log.epoch)
+
+    with pytest.raises(ValueError, match=r"MAJOR\.MINOR\.PATCH"):
+        train(small_config(), synthetic_corpus(10), None, tmp_path / "m", version="0.0.r1", progress=False, log=lambda m: None, callbacks=[Count()])
+    assert epochs == [] and not (tmp_path / "m").exists()
