@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ml.bulk.output import OUTPUT_FORMATS
@@ -36,6 +37,9 @@ def add_bulk_parser(sub: argparse._SubParsersAction, model_help: str) -> argpars
     p.add_argument("--strict", action="store_true", help="stop at the first record that cannot be tagged instead of writing it to the rejects")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--log-interval", type=float, default=30.0, metavar="SECONDS", help="seconds between progress lines when stderr is not a terminal")
+    from ml.cli import add_filter_arguments
+
+    add_filter_arguments(p)
     p.set_defaults(func=cmd_bulk)
     return p
 
@@ -48,7 +52,34 @@ def job_from_args(args: argparse.Namespace, model: str) -> BulkJob:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BulkInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     options = ReadOptions(args.text_field, args.id_field, args.max_chars)
-    return BulkJob(tuple(args.inputs), args.out, model, args.format, args.output_format, options, args.shard_size, args.batch_size, args.strict)
+    rules, labels = _rules_and_labels(args, model)
+    return BulkJob(tuple(args.inputs), args.out, model, args.format, args.output_format, options, args.shard_size, args.batch_size, args.strict,
+                   rules, args.rules_mode, args.min_score, labels)
+
+
+def _rules_and_labels(args: argparse.Namespace, model: str) -> tuple[tuple[dict, ...], tuple[str, ...] | None]:
+    """``--rules FILE`` read and checked (every bad line named), ``--labels`` checked against the
+    model's labels and the rules'; both before anything is tagged."""
+    from ml.bulk.sources import BulkInputError
+    from ml.rules import EntityFilter, RuleError, read_rules_file
+
+    rules = []
+    if args.rules:
+        try:
+            rules = read_rules_file(args.rules)
+        except RuleError as e:
+            raise BulkInputError(f"{args.rules}: {e}") from None
+    labels = tuple(x.strip() for x in args.labels.split(",") if x.strip()) if args.labels is not None else None
+    try:
+        meta = json.loads((Path(model) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}  # an unreadable model folder is reported when the job loads it
+    known = list(meta.get("labels") or []) + sorted({r.label for r in rules})
+    try:
+        EntityFilter.of(args.min_score, labels, known if meta.get("labels") else None)
+    except ValueError as e:
+        raise BulkInputError(f"--labels: {e}") from None
+    return tuple(r.to_dict() for r in rules), labels
 
 
 def bulk_job(args: argparse.Namespace) -> BulkJob:

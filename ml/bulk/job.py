@@ -6,6 +6,7 @@ predictor, the same entity rounding (``entity_dicts``), so a document gets the o
 scores that ``POST /tag`` answers for its text."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 from ml.bulk.output import OutputFolder
 from ml.bulk.sources import Document, ReadOptions, RejectedRecord, ShardSpec, auto_shard_size, expand_inputs, plan_shards, read_shard
 from ml.pipeline import TextTagger, entity_dicts, min_token_score
+from ml.rules import EntityFilter, PhraseTokenizer, RuleSet, parse_rules
 
 
 class BulkError(RuntimeError):
@@ -32,6 +34,12 @@ class BulkJob:
     shard_size: int | None = None  # None: auto_shard_size (recorded in the job's manifest)
     batch_size: int = 64  # texts per call of the tagger (the service's BATCH_MAX_TEXTS default)
     strict: bool = False
+    # entity rules applied after the model (ml.rules: the rules file's rules as dicts, carried with the
+    # job so every worker, also on another machine, has them) and the entity filter (docs/rules.md)
+    rules: tuple[dict, ...] = ()
+    rules_mode: str = "override"
+    min_score: float | None = None
+    labels: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +49,18 @@ class BulkJob:
         values = dict(data)
         values["inputs"] = tuple(values["inputs"])
         values["options"] = ReadOptions(**values["options"])
+        values["rules"] = tuple(values.get("rules", ()))
+        if values.get("labels") is not None:
+            values["labels"] = tuple(values["labels"])
         return cls(**values)
+
+    def filters(self) -> dict | None:
+        """The rules (by digest) and the filter, for the manifest: a rerun with others is another job."""
+        if not self.rules and self.min_score is None and self.labels is None:
+            return None
+        digest = hashlib.sha256(json.dumps(list(self.rules), sort_keys=True).encode()).hexdigest() if self.rules else None
+        return {"rules_sha256": digest, "rules": len(self.rules), "rules_mode": self.rules_mode, "min_score": self.min_score,
+                "labels": list(self.labels) if self.labels is not None else None}
 
     def plan(self) -> tuple[int, list[ShardSpec]]:
         """The shard size (given, or chosen from the inputs) and the shards."""
@@ -51,11 +70,15 @@ class BulkJob:
 
     def manifest(self, model: dict, shard_size: int, shards: list[ShardSpec]) -> dict:
         """What makes two runs the same job (the output of one can be completed by the other)."""
-        return {
+        manifest = {
             "format": 1, "inputs": list(self.inputs), "input_format": self.input_format, "output_format": self.output_format,
             "options": asdict(self.options), "shard_size": shard_size, "model": model,
             "shards": [{k: v for k, v in s.to_dict().items() if k != "path"} for s in shards],
         }
+        filters = self.filters()
+        if filters is not None:  # (absent without rules or filters: manifests of earlier jobs stay valid)
+            manifest["filters"] = filters
+        return manifest
 
 
 def model_identity(folder: str | Path) -> dict:
@@ -94,6 +117,9 @@ class ShardWorker:
         self.tagger = tagger
         self.model = model
         self.out = OutputFolder(job.out, job.output_format)
+        rules = parse_rules(enumerate(job.rules, 1))
+        self.rules = RuleSet(rules, job.rules_mode, tokenize=PhraseTokenizer.for_language(tagger.tokenizer.language)) if rules else None
+        self.keep = EntityFilter.of(job.min_score, job.labels)
 
     @classmethod
     def load(cls, job: BulkJob) -> ShardWorker:
@@ -116,10 +142,10 @@ class ShardWorker:
         name, version = self.model["name"], self.model["version"]
         for lo in range(0, len(docs), size):
             batch = docs[lo : lo + size]
-            results = self.tagger.tag([d.text for d in batch], size)
+            results = self.tagger.tag([d.text for d in batch], size, rules=self.rules)
             count = 0
             for doc, result in zip(batch, results, strict=True):
-                rows.append({"id": doc.id, "entities": entity_dicts(result), "min_score": min_token_score(result),
+                rows.append({"id": doc.id, "entities": entity_dicts(result, self.keep), "min_score": min_token_score(result),
                              "model_name": name, "model_version": version})
                 count += len(result.tokens)
             tokens += count

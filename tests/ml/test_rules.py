@@ -307,3 +307,24 @@ def test_ner_predict_names_the_bad_rule_line_and_label(small_model_dir, tmp_path
     assert "line 2: 'phrase' is empty" in capsys.readouterr().err
     assert main(["predict", "--model", str(small_model_dir), "--text", "Tom .", "--labels", "PER,FOOD"]) == 2
     assert "unknown label 'FOOD'" in capsys.readouterr().err
+
+
+def test_ner_bulk_applies_rules_and_filters(small_model_dir, tmp_path, capsys):
+    from ml.cli import main
+
+    data = tmp_path / "in.txt"
+    data.write_text("Tom works for Globex in Paris .\nthe widget pro is here .\n", encoding="utf-8")
+    rules = tmp_path / "rules.jsonl"
+    rules.write_text(json.dumps({"phrase": "widget pro", "label": "PRODUCT"}) + "\n" + json.dumps({"phrase": "Paris", "label": "ORG"}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["bulk", str(data), "--out", str(out), "--model", str(small_model_dir), "--output-format", "jsonl", "--workers", "1", "--quiet"]
+    assert main([*args, "--rules", str(rules), "--labels", "ORG,PRODUCT"]) == 0
+    rows = [json.loads(line) for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text(encoding="utf-8").splitlines()]
+    got = [[(e["text"], e["label"], e["source"], e["rule_id"]) for e in row["entities"]] for row in rows]
+    assert got == [[("Globex", "ORG", "model", None), ("Paris", "ORG", "rule", 2)], [("widget pro", "PRODUCT", "rule", 1)]]
+    capsys.readouterr()
+    # the same output folder with other rules is another job: refused, nothing overwritten
+    rules.write_text(json.dumps({"phrase": "Globex", "label": "PRODUCT"}) + "\n", encoding="utf-8")
+    assert main([*args, "--rules", str(rules), "--labels", "ORG,PRODUCT"]) == 2
+    assert main([*args, "--labels", "FOOD"]) == 2
+    assert "unknown label 'FOOD'" in capsys.readouterr().err
