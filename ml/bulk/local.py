@@ -49,6 +49,7 @@ def run_local(job: BulkJob, pending: Sequence[ShardSpec], workers: int, progress
 
     torch.set_num_threads(1)
     worker = ShardWorker.load(job)
+    workers = min(workers, len(pending))  # no idle process for a job of few shards
     if workers <= 1:  # in this process: the one-process baseline, and no fork
         results = []
         for spec in pending:
