@@ -281,7 +281,32 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules-mode", choices=["override", "fill"], default="override", help="override: a rule match replaces overlapping model entities; fill: only where the model found nothing")
 
 
+class Commands:
+    """The ``ner`` parser and its subcommands: what a program built on this one (service.cli) uses
+    to add options to a subcommand (``command``) or to add subcommands (``add``)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, subcommands: argparse._SubParsersAction) -> None:
+        self.parser = parser
+        self._subcommands = subcommands
+
+    def command(self, name: str) -> argparse.ArgumentParser:
+        """The parser of subcommand ``name``; KeyError names a missing one."""
+        try:
+            return self._subcommands.choices[name]
+        except KeyError:
+            raise KeyError(f"no subcommand {name!r}; there are: {', '.join(self._subcommands.choices)}") from None
+
+    def add(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        """A new subcommand (``add_parser``'s arguments: help=...)."""
+        return self._subcommands.add_parser(name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    return build_commands().parser
+
+
+def build_commands() -> Commands:
+    """Every subcommand of ml's ``ner``, for ``build_parser`` and for programs that extend it."""
     parser = argparse.ArgumentParser(prog="ner", description="Named-entity recognition with a bidirectional recurrent tagger.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -346,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ml.bulk.command import add_bulk_parser
 
     add_bulk_parser(sub, DEFAULT_MODEL_HELP)
-    return parser
+    return Commands(parser, sub)
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, expected: tuple = ()) -> int:

@@ -3,14 +3,20 @@ and ``train --annotations-from DATABASE_URL`` to learn from stored corrections."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ml.cli import build_parser, cmd_finetune, cmd_train, run
+from ml.cli import build_commands, cmd_finetune, cmd_train, run
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 METRICS_PREFIX = "ner-metrics-"
 
@@ -37,20 +43,29 @@ def clear_stale_metrics_dirs(tmp: str | None = None) -> list[Path]:
     return removed
 
 
+class AppFactory:
+    """What a worker process calls to build its app: ``create_app`` with the settings ``ner serve``
+    read once (the command line's --host and --device included). Picklable, so the supervisor hands
+    it to worker processes it spawns; no environment variable carries the settings there."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __call__(self):
+        from service.main import create_app
+
+        return create_app(self.settings)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
     from service.config import Settings
     from service.security import ConfigError, check_exposure
-    from service.serving import supervisor
 
-    os.environ["BIND_HOST"] = args.host  # the workers' Settings read it (exposure and host checks)
+    overrides: dict[str, Any] = {"bind_host": args.host}  # the exposure and host checks
     if args.device is not None:
-        os.environ["DEVICE"] = args.device  # likewise
+        overrides["device"] = args.device
     try:
-        settings = Settings()
+        settings = Settings(**overrides)
         check_exposure(args.host, settings.key_ring, settings.allow_no_auth)
         if settings.device != "cpu":  # once here, before any worker starts (torch is loaded only then)
             from ml.device import resolve_device
@@ -59,43 +74,75 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:  # DeviceError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        clear_stale_metrics_dirs()
-        # must be set before any worker imports prometheus_client (see service.metrics); the pid in
-        # the name lets a later run tell a dead run's folder from a live one's
-        metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    migrated_here = args.workers > 1 and settings.auto_migrate
-    auto_migrate_env = os.environ.get("AUTO_MIGRATE")
-    if migrated_here:
+    if args.workers > 1 and settings.auto_migrate:
         # once, before any worker starts: N workers migrating one fresh database at once raced
         # (one of them failed on a column the other had just added, and the service stopped)
         from service.store.session import upgrade
 
         upgrade(settings.database_url)
-        os.environ["AUTO_MIGRATE"] = "false"  # the workers' Settings read it
-    config = {"app": "service.main:create_app", "factory": True, "host": args.host, "port": args.port,
-              "log_level": args.log_level, "access_log": args.access_log, "proxy_headers": True}
+        overrides["auto_migrate"] = False
+        settings = settings.model_copy(update={"auto_migrate": False})
+    with _metrics_dir(args.workers):
+        return _serve(args, settings, overrides)
+
+
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """With several workers, a fresh PROMETHEUS_MULTIPROC_DIR for this run, removed afterwards. An
+    environment variable because prometheus_client reads it when a worker imports it (service.metrics)."""
+    if workers == 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    clear_stale_metrics_dirs()
+    # the pid in the name lets a later run tell a dead run's folder from a live one's
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     try:
-        if args.workers > 1 and not args.shared_socket and supervisor.available():
-            # a socket per worker: the kernel spreads connections over them (service/serving/supervisor.py)
-            logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-            try:
-                return supervisor.Supervisor(config, args.workers).run()
-            except OSError as e:
-                print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-                return 2
-        uvicorn.run(**config, workers=args.workers)
+        with _environment({"PROMETHEUS_MULTIPROC_DIR": metrics_dir}):
+            yield
     finally:
-        if migrated_here:
-            if auto_migrate_env is None:
-                os.environ.pop("AUTO_MIGRATE", None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ for the block, then as they were."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["AUTO_MIGRATE"] = auto_migrate_env
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                os.environ[name] = value
+
+
+def _serve(args: argparse.Namespace, settings: Settings, overrides: dict[str, Any]) -> int:
+    """One process, or a worker process per CPU share under our supervisor (a socket each), both
+    given ``settings`` as an object; or uvicorn's own workers (--shared-socket, or not Linux), which
+    import the app by name, so only the environment reaches them: there ``overrides`` go that way."""
+    import logging
+
+    import uvicorn
+
+    from service.serving import supervisor
+
+    config: dict[str, Any] = {"factory": True, "host": args.host, "port": args.port, "log_level": args.log_level,
+                              "access_log": args.access_log, "proxy_headers": True}
+    if args.workers > 1 and not args.shared_socket and supervisor.available():
+        # a socket per worker: the kernel spreads connections over them (service/serving/supervisor.py)
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+        try:
+            return supervisor.Supervisor({**config, "app": AppFactory(settings)}, args.workers).run()
+        except OSError as e:
+            print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+            return 2
+    if args.workers == 1:
+        uvicorn.run(AppFactory(settings), **config)
+        return 0
+    with _environment({name.upper(): str(value).lower() if isinstance(value, bool) else str(value) for name, value in overrides.items()}):
+        uvicorn.run("service.main:create_app", **config, workers=args.workers)
     return 0
 
 
@@ -227,9 +274,6 @@ def cmd_bulk_with_store(args: argparse.Namespace) -> int:
 
     if not args.store:
         return cmd_bulk(args)
-    if args.min_score is not None or args.labels:
-        print("error: --store records every entity, as POST /tag stores them: leave out --min-score and --labels with --store", file=sys.stderr)
-        return 2
     from sqlalchemy.exc import SQLAlchemyError
 
     from ml.bulk.job import BulkJob
@@ -262,40 +306,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    train = sub.choices["train"]
+    commands = build_commands()
+    train = commands.command("train")
     train.add_argument("--annotations-from", metavar="DATABASE_URL", help="add the corrections stored in this database")
     train.add_argument("--since", help="with --annotations-from: only corrections stored at or after this ISO time")
     train.set_defaults(func=cmd_train_with_annotations)
 
-    finetune = sub.choices["finetune"]
+    finetune = commands.command("finetune")
     finetune.add_argument("--annotations-from", metavar="DATABASE_URL", help="the corrections (and, for rehearsal, the stored texts) of this database")
     finetune.add_argument("--rehearse-max", type=int, default=2000, help="with --annotations-from: stored uncorrected texts read at most (forgetting probe, rehearsal)")
     finetune.set_defaults(func=cmd_finetune_with_annotations)
 
-    bulk = sub.choices["bulk"]
+    bulk = commands.command("bulk")
     bulk.add_argument("--store", action="store_true",
                       help="also record the documents and predictions in the service's database, as POST /tag does (the least confident join GET /annotations/queue)")
     bulk.add_argument("--database-url", help="with --store (default: DATABASE_URL / .env / the SQLite default)")
     bulk.set_defaults(func=cmd_bulk_with_store)
 
-    worker = sub.add_parser("worker", help="the trainer: run retraining jobs from the database one at a time (settings from the environment)")
+    worker = commands.add("worker", help="the trainer: run retraining jobs from the database one at a time (settings from the environment)")
     worker.add_argument("--once", action="store_true", help="exit when no job is left instead of waiting for more")
     worker.set_defaults(func=cmd_worker)
 
-    serve = sub.add_parser("serve", help="run the HTTP service (settings from the environment / .env)")
+    serve = commands.add("serve", help="run the HTTP service (settings from the environment / .env)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="worker processes, each with its own listening socket (SO_REUSEPORT; see --shared-socket); metrics are aggregated across them")
     serve.add_argument("--shared-socket", action="store_true",
                        help="with several workers, one listening socket shared by all (uvicorn's way) instead of one per worker (SO_REUSEPORT, Linux)")
-    serve.add_argument("--device", help="where the model runs: cpu (default), cuda or cuda:N; sets DEVICE")
+    serve.add_argument("--device", help="where the model runs: cpu (default), cuda or cuda:N (over DEVICE)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
     serve.set_defaults(func=cmd_serve)
 
-    db = sub.add_parser("db", help="database schema (Alembic)")
+    db = commands.add("db", help="database schema (Alembic)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     for name, help_, default in (
         ("upgrade", "apply migrations", "head"), ("downgrade", "revert migrations", None), ("current", "show the revision", None),
@@ -308,7 +351,7 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--older-than-days", type=float, help="default: RETENTION_DAYS (unset: only idempotency keys are cleared)")
         c.add_argument("--database-url", help="default: DATABASE_URL / .env / the SQLite default")
     db.set_defaults(func=cmd_db)
-    return p
+    return commands.parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,3 +115,33 @@ def test_serve_on_cuda_tags_as_on_the_cpu(tmp_path, small_model_dir):
     for cpu, gpu in zip(answers["cpu"], answers["cuda"], strict=True):
         assert [(e["start"], e["end"], e["label"]) for e in cpu["entities"]] == [(e["start"], e["end"], e["label"]) for e in gpu["entities"]]
         assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(cpu["entities"], gpu["entities"], strict=True))
+
+
+def test_serve_hands_its_settings_to_the_app_without_the_environment(monkeypatch, tmp_path):
+    import pickle
+
+    import uvicorn
+
+    from service import cli
+
+    monkeypatch.delenv("BIND_HOST", raising=False)
+    monkeypatch.delenv("DEVICE", raising=False)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'd.db'}")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **config: seen.update(app=app, config=config))
+    assert cli.main(["serve", "--host", "localhost", "--device", "cpu", "--port", "8123"]) == 0
+    app = pickle.loads(pickle.dumps(seen["app"]))  # what a spawned worker process receives
+    assert (app.settings.bind_host, app.settings.device, app.settings.database_url) == ("localhost", "cpu", f"sqlite:///{tmp_path / 'd.db'}")
+    assert seen["config"]["port"] == 8123 and seen["config"]["factory"] is True
+    assert "BIND_HOST" not in os.environ and "DEVICE" not in os.environ
+
+
+def test_the_service_extends_ml_commands_through_the_hook():
+    from ml.cli import build_commands
+    from service.cli import parser
+
+    with pytest.raises(KeyError, match="no subcommand 'serve'; there are: train, "):
+        build_commands().command("serve")
+    args = parser().parse_args(["train", "--annotations-from", "sqlite:///x.db", "--data", "d"])
+    assert args.annotations_from == "sqlite:///x.db" and args.func.__name__ == "cmd_train_with_annotations"
+    assert parser().parse_args(["worker", "--once"]).once is True

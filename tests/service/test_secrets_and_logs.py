@@ -79,7 +79,6 @@ def test_serve_removes_its_metrics_folder_and_stale_ones(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    monkeypatch.setenv("BIND_HOST", "127.0.0.1")  # `ner serve` sets it; restored after the test
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f"ner-metrics-{dead.pid}-abc"

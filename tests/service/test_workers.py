@@ -163,8 +163,8 @@ def test_auto_migrate_runs_once_in_the_supervisor_before_the_workers(tmp_path, m
         monkeypatch.setenv(name, value)
     seen = {}
 
-    def fake_run(self):  # what a worker would find when it starts
-        seen["auto_migrate"] = os.environ.get("AUTO_MIGRATE")
+    def fake_run(self):  # what a worker would find when it starts: the settings it is handed, the database
+        seen["auto_migrate"] = self.config_kwargs["app"].settings.auto_migrate
         engine = make_engine(url)
         try:
             check_schema(engine)  # raises SchemaError on an unmigrated database
@@ -175,5 +175,5 @@ def test_auto_migrate_runs_once_in_the_supervisor_before_the_workers(tmp_path, m
 
     monkeypatch.setattr(supervisor.Supervisor, "run", fake_run)
     assert cli.main(["serve", "--workers", "2", "--port", str(free_port())]) == 0
-    assert seen == {"auto_migrate": "false", "schema": "current"}
-    assert os.environ["AUTO_MIGRATE"] == "true"  # restored for whoever called
+    assert seen == {"auto_migrate": False, "schema": "current"}
+    assert os.environ["AUTO_MIGRATE"] == "true"  # the environment is left alone
