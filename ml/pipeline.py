@@ -76,10 +76,13 @@ def apply_rules(text: str, result: TextResult, rules: RuleSet) -> TextResult:
     sentences), merged with the model's entities by the set's mode; token tags follow the merged
     entities and a rule entity's tokens score RULE_SCORE."""
     words = [t.text for t in result.tokens]
+    matches = rules.match(words)
+    if not matches:  # the common case: nothing to merge, the model's result as it is
+        return TextResult(result.entities, result.tokens, result.sentences, Merged([]))
     index_of = {t.start: i for i, t in enumerate(result.tokens)}
     after = {t.end: i + 1 for i, t in enumerate(result.tokens)}
     model = [Found(index_of[e.start], after[e.end], e.label, e.score) for e in result.entities]
-    merged = merge(model, rules.match(words), rules.mode)
+    merged = merge(model, matches, rules.mode)
     by_span = {(index_of[e.start], e.label): e for e in result.entities}
     entities: list[Entity] = []
     for f in merged.entities:
