@@ -77,3 +77,12 @@ def test_store_refuses_a_database_without_the_schema_before_tagging(tmp_path, sm
     code = main(["bulk", str(path), "--out", str(tmp_path / "out"), "--model", str(small_model_dir), "--store", "--database-url", sqlite_url])
     assert code == 2 and "schema" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_store_refuses_an_entity_filter(tmp_path, small_model_dir, sqlite_url, capsys):
+    from service.cli import main
+
+    path = tmp_path / "in.txt"
+    path.write_text("Anna Berg visited Paris .\n", encoding="utf-8")
+    code = main(["bulk", str(path), "--out", str(tmp_path / "out"), "--model", str(small_model_dir), "--store", "--min-score", "0.5", "--database-url", sqlite_url])
+    assert code == 2 and "--store records every entity" in capsys.readouterr().err
