@@ -24,16 +24,16 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.support import WaitTimeout, free_port, fresh_database, wait_ready  # noqa: E402
+
 ADMIN_KEY = "benchmark-admin-key-" + "0" * 8
 
 
@@ -58,29 +58,6 @@ def article_record(sentences) -> dict:
         entities += [{"start": e["start"] + len(text), "end": e["end"] + len(text), "label": e["label"]} for e in r["entities"]]
         text += r["text"] + "\n"
     return {"text": text, "entities": entities}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def fresh_database(admin_url: str):
-    from sqlalchemy import create_engine, text
-
-    name = f"ner_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def evaluate_folder(folder: str | Path, sentences) -> dict:
@@ -128,14 +105,11 @@ def start_service(stack: contextlib.ExitStack, env: dict, args, models_dir: Path
     stack.callback(server.wait, 30)
     stack.callback(server.terminate)
     client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120))
-    deadline = time.monotonic() + 180
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if client.get("/readyz").status_code == 200:
-                return client
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the service did not start:\n{server_log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    try:
+        wait_ready(str(client.base_url).rstrip("/"), server, timeout=180)
+    except WaitTimeout as e:
+        raise SystemExit(f"the service did not start: {e}\n{server_log.read_text()[-3000:]}") from None
+    return client
 
 
 def run_job(client, env: dict, args, base_id: int, models_dir: Path) -> dict:
@@ -177,7 +151,7 @@ def run_curve(args, docs, seed: int, eval_of, conll_test) -> list[dict]:
     base_wikigold = eval_of(args.model, eval_sentences)
     points = []
     with contextlib.ExitStack() as stack:
-        db_url = args.database_url or stack.enter_context(fresh_database(args.pg_admin_url))
+        db_url = args.database_url or stack.enter_context(fresh_database("ner_bench", args.pg_admin_url))
         models_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ner-loop-")))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": db_url, "TORCH_THREADS": str(args.threads),
                "TRAIN_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
