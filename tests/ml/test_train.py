@@ -17,6 +17,7 @@ from ml.export import export_torchscript
 from ml.predictor import Predictor, evaluate
 from ml.train import Callback, train
 from tests.conftest import small_config
+from tests.support import free_port
 from tests.synthetic import synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,11 +213,7 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path):
     _write_corpus(tmp_path / "data", 48, 2)
     config = _small_config_file(tmp_path / "small.toml", 4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "ml",
          "train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--quiet"],
