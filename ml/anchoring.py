@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.labels import spans_to_tags
 from ml.model import Tagger
-from ml.vocab import PAD_ID, Vocabularies, word_key
+from ml.vocab import PAD_ID, UNK_ID, Vocabularies, word_key
 
 FISHER_FILE = "fisher.safetensors"
 MAX_FISHER_BYTES = 1 << 30
@@ -40,8 +41,9 @@ class RowCorrection(nn.Module):
     rows: Tensor  # (R,) the corrected ids, sorted
     slot: Tensor  # (words,) each id's row of the correction, -1 for none
 
-    def __init__(self, base: nn.Embedding, rows: Sequence[int]):
+    def __init__(self, base: nn.Embedding, rows: Sequence[int], word_dropout: float = 0.0):
         super().__init__()
+        self.word_dropout = word_dropout  # in training, this share of the words is read as <unk>: context and characters must carry the tag
         ids = torch.tensor(sorted(set(rows)), dtype=torch.long)
         if ids.numel() and (int(ids.min()) <= PAD_ID or int(ids.max()) >= base.num_embeddings):
             raise ValueError(f"trainable rows must lie in {PAD_ID + 1}..{base.num_embeddings - 1}")
@@ -55,6 +57,9 @@ class RowCorrection(nn.Module):
         self.correction = nn.Parameter(torch.zeros(ids.numel(), base.embedding_dim, dtype=base.weight.dtype))
 
     def forward(self, words: Tensor) -> Tensor:
+        if self.training and self.word_dropout > 0:
+            dropped = (torch.rand(words.shape, device=words.device) < self.word_dropout) & (words != PAD_ID)
+            words = torch.where(dropped, torch.full_like(words, UNK_ID), words)
         slots = self.slot[words]
         inside = slots >= 0
         delta = F.embedding(torch.where(inside, slots, torch.zeros_like(slots)), self.correction)
@@ -68,11 +73,11 @@ class RowCorrection(nn.Module):
         return out
 
 
-def attach_rows(model: nn.Module, rows: Sequence[int]) -> RowCorrection:
+def attach_rows(model: nn.Module, rows: Sequence[int], word_dropout: float = 0.0) -> RowCorrection:
     base = model.word_embedding
     if not isinstance(base, nn.Embedding):
         raise TypeError(f"model.word_embedding is a {type(base).__name__}, not an nn.Embedding")
-    module = RowCorrection(base, rows)
+    module = RowCorrection(base, rows, word_dropout)
     model.word_embedding = module
     return module
 
@@ -97,6 +102,7 @@ class Fisher:
     values: dict[str, Tensor]  # parameter name (named_parameters) -> F, same shape (the word table: (words, 1))
     sentences: int  # the base corpus's size in sentences (N_base in lambda = strength * N_base / N_new)
     sample: int = 0  # how many of them the mean was measured on
+    measured_on: str = ""  # SHA-256 of the weights file it was measured on (save_fisher fills it in)
 
 
 def fisher_information(
@@ -140,12 +146,23 @@ def fisher_information(
     return Fisher(values, len(sentences), len(chosen))
 
 
+def weights_digest(folder: str | Path) -> str:
+    """SHA-256 of a model folder's weights: which weights a Fisher file was measured on."""
+    h = hashlib.sha256()
+    with open(Path(folder) / "weights.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_fisher(folder: str | Path, fisher: Fisher) -> Path:
+    """Write ``fisher.safetensors`` into the model folder it was measured on (stamped with its weights' digest)."""
     from safetensors.torch import save_file
 
     path = Path(folder) / FISHER_FILE
+    fisher.measured_on = fisher.measured_on or weights_digest(folder)
     state = {k: v.detach().float().contiguous() for k, v in fisher.values.items()}
-    save_file(state, str(path), metadata={"sentences": str(fisher.sentences), "sample": str(fisher.sample)})
+    save_file(state, str(path), metadata={"sentences": str(fisher.sentences), "sample": str(fisher.sample), "measured_on": fisher.measured_on})
     path.chmod(0o644)
     return path
 
@@ -163,12 +180,12 @@ def load_fisher(folder: str | Path) -> Fisher | None:
         with safe_open(str(path), framework="pt") as f:
             values = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not a dict)
             metadata = f.metadata() or {}
-            sentences, sample = int(metadata.get("sentences", "0")), int(metadata.get("sample", "0"))
+            sentences, sample, measured_on = int(metadata.get("sentences", "0")), int(metadata.get("sample", "0")), metadata.get("measured_on", "")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable Fisher file: {e}") from None
     if sentences <= 0:
         raise ValueError(f"{path} does not say how many sentences it was measured on (metadata 'sentences')")
-    return Fisher(values, sentences, sample)
+    return Fisher(values, sentences, sample, measured_on)
 
 
 # --- the penalty ------------------------------------------------------------------------------

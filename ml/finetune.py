@@ -81,6 +81,7 @@ class FinetuneConfig:
     rehearsal_ratio: float = 0.0  # silver sentences (stored texts tagged by the base) per correction sentence and epoch
     base_ratio: float = 1.0  # base-corpus sentences per correction sentence and epoch, when the base corpus is given
     correction_weight: int = 1  # times each training correction is seen per epoch
+    word_dropout: float = 0.0  # share of training words read as <unk> (the tag must come from context and characters, not a memorised name)
     holdout_every: int = 5  # one document in N is held out for the gate, by hash (0: none)
     time_holdout: float = 0.1  # the newest fraction of the documents is held out for the gate (0: none)
     stop_every: int = 10  # one training document in N decides early stopping (0: a fixed epoch count)
@@ -101,7 +102,7 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name} must be non-negative, got {getattr(self, name)}")
         if self.min_epochs > self.max_epochs:
             raise ConfigError(f"finetune.min_epochs={self.min_epochs} is more than finetune.max_epochs={self.max_epochs}")
-        for name in ("time_holdout", "probe_confidence"):
+        for name in ("time_holdout", "probe_confidence", "word_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"finetune.{name} must lie in [0, 1), got {getattr(self, name)}")
         for name in ("holdout_every", "stop_every"):
@@ -384,9 +385,7 @@ def prepare(inputs: FinetuneInputs, cfg: FinetuneConfig, progress: Callable[[flo
     train_texts = [t for t in inputs.stored_texts if _bucket(t, "probe") % 2 == 1] if cfg.rehearsal_ratio > 0 or cfg.distill > 0 else []
     base_predictor = Predictor(loaded.model, loaded.vocab, loaded.config.model.max_word_length)
     silver = [s for text in _tag_stored(base_predictor, train_texts, language) for s in text]
-    fisher = anchoring.load_fisher(inputs.base_dir) if cfg.ewc > 0 else None
-    if cfg.ewc > 0 and fisher is None:
-        progress(0.0, f"the base folder has no {anchoring.FISHER_FILE}: no weight consolidation (ner fisher computes it from the base corpus)")
+    fisher = _base_fisher(inputs.base_dir, loaded, cfg, progress)
     train_base, dev_base = (list(inputs.base_data[0]), list(inputs.base_data[1])) if inputs.base_data is not None else ([], [])
     prepared = Prepared(
         loaded, splits, to_sentences(splits.train, language), to_sentences(splits.stop, language), to_sentences(splits.heldout, language),
@@ -397,6 +396,22 @@ def prepare(inputs: FinetuneInputs, cfg: FinetuneConfig, progress: Callable[[flo
              f"{len(splits.heldout)} held out by hash and {len(splits.time)} newest held out ({len(prepared.heldout) + len(prepared.time)} sentences); "
              f"{len(inputs.stored_texts)} stored texts ({len(prepared.probe)} probe the forgetting)")
     return prepared
+
+
+def _base_fisher(folder: str | Path, loaded: LoadedModel, cfg: FinetuneConfig, progress: Callable[[float, str], None]) -> anchoring.Fisher | None:
+    """The base folder's Fisher diagonal when it belongs to these weights (measured on them, or on the
+    model they were fine-tuned from, as the lineage says); else None, and the job's log says why.
+    Loaded with ``ewc`` = 0 too: the new version carries it along for later fine-tunes."""
+    fisher = anchoring.load_fisher(folder)
+    if fisher is None:
+        if cfg.ewc > 0:
+            progress(0.0, f"the base folder has no {anchoring.FISHER_FILE}: no weight consolidation (ner fisher computes it from the base corpus)")
+        return None
+    if fisher.measured_on not in (anchoring.weights_digest(folder), loaded.meta.lineage.get("fisher_measured_on")):
+        progress(0.0, f"the base folder's {anchoring.FISHER_FILE} was measured on other weights (a model replaced in place?): "
+                      "no weight consolidation; recompute it with ner fisher")
+        return None
+    return fisher
 
 
 def _vectors(inputs: FinetuneInputs, loaded: LoadedModel, cfg: FinetuneConfig, progress: Callable[[float, str], None]) -> tuple[list[str], Any] | None:
@@ -506,7 +521,7 @@ def fit(prep: Prepared, inputs: FinetuneInputs, cfg: FinetuneConfig, progress: C
     rows = anchoring.word_rows(vocab, mixture)
     if "word_embedding" in cfg.freeze:  # only the new words' rows learn
         rows = [r for r in rows if r >= len(loaded.vocab.words)]
-    anchoring.attach_rows(model, rows)
+    anchoring.attach_rows(model, rows, cfg.word_dropout)
     anchors = anchoring.anchors(model, base_state, prep.fisher)
     plan = schedule(cfg, len(prep.train), prep.fisher.sentences if prep.fisher is not None else 0)
     progress(0.0, f"schedule: up to {plan.epochs} epochs of {plan.steps_per_epoch} steps, lr {plan.lr:g}, EWC lambda {plan.ewc_lambda:.3g}"
@@ -625,6 +640,7 @@ def _lineage(inputs: FinetuneInputs, prep: Prepared, fitted: Fitted, cfg: Finetu
         "rehearsal_sentences": len(prep.silver),
         "base_corpus_sentences": len(prep.base_train),
         "fisher_sentences": prep.fisher.sentences if prep.fisher is not None else 0,
+        "fisher_measured_on": prep.fisher.measured_on if prep.fisher is not None else None,
         "new_words": len(fitted.growth.new_words),
         "new_words_pretrained": fitted.growth.pretrained_words,
         "new_labels": fitted.growth.new_labels,
@@ -640,9 +656,8 @@ def record(inputs: FinetuneInputs, prep: Prepared, fitted: Fitted, cfg: Finetune
                      entity_types(fitted.vocab), lineage=_lineage(inputs, prep, fitted, cfg))
     if inputs.out is not None:
         save_model(inputs.out, fitted.model, loaded.config, fitted.vocab, meta, {})
-        source = Path(inputs.base_dir) / anchoring.FISHER_FILE
-        if source.is_file():
-            shutil.copyfile(source, Path(inputs.out) / anchoring.FISHER_FILE)
+        if prep.fisher is not None:  # the next fine-tune (from this version) consolidates toward the same knowledge
+            shutil.copyfile(Path(inputs.base_dir) / anchoring.FISHER_FILE, Path(inputs.out) / anchoring.FISHER_FILE)
     return meta, Predictor(fitted.model, fitted.vocab, loaded.config.model.max_word_length)
 
 

@@ -301,6 +301,18 @@ def test_gate_refuses_a_candidate_that_loses_on_the_newest_corrections_and_gives
 # --- against forgetting -----------------------------------------------------------------------
 
 
+def test_word_dropout_reads_words_as_unknown_in_training_only():
+    from ml.anchoring import RowCorrection
+
+    base = torch.nn.Embedding(10, 4, padding_idx=0)
+    module = RowCorrection(base, [3], word_dropout=0.999)
+    ids = torch.tensor([[0, 3, 5, 7]])
+    torch.manual_seed(0)
+    out = module(ids)
+    assert torch.equal(out[0, 0], base.weight[0]) and all(torch.equal(out[0, k], base.weight[1]) for k in (1, 2, 3)), "padding stays padding"
+    assert torch.equal(module.eval()(ids), base.weight[ids])
+
+
 def test_row_correction_changes_only_its_rows_and_merges_back():
     from ml.anchoring import RowCorrection
 
@@ -353,6 +365,27 @@ def test_fisher_round_trips_through_the_folder_as_numbers_and_ewc_holds_the_weig
                    for k, b in base.items() if k != "word_embedding.weight")
 
     assert deviation("held", 1e4) < 0.2 * deviation("free", 0.0)
+    # a version fine-tuned from the base carries its Fisher, and a fine-tune from that version uses it (the lineage says whose it is)
+    again = finetune(FinetuneInputs(tmp_path / "held", product_corrections()[:8], "1.2.0", None, pretrained=None), FinetuneConfig(epochs=1, holdout_every=0, threads=1))
+    assert again.metrics["schedule"]["ewc_lambda"] > 0 and again.meta.lineage["fisher_measured_on"] == fisher.measured_on
+
+
+def test_a_fisher_measured_on_other_weights_is_not_used(small_model_dir, corpus, tmp_path):
+    import dataclasses
+    import shutil
+
+    from ml.anchoring import fisher_information, save_fisher
+
+    folder = tmp_path / "base"
+    shutil.copytree(small_model_dir, folder)
+    loaded = load_model(folder)
+    fisher = fisher_information(loaded.model, loaded.vocab, corpus, loaded.config.model.max_word_length, "bioes", max_sentences=10)
+    save_fisher(folder, dataclasses.replace(fisher, measured_on="0" * 64))  # as if the model had been replaced in place
+    messages: list[str] = []
+    result = finetune(FinetuneInputs(folder, product_corrections()[:4], "1.1.0", tmp_path / "v2", pretrained=None),
+                      FinetuneConfig(epochs=1, holdout_every=0, threads=1), progress=lambda f, m: messages.append(m))
+    assert any("measured on other weights" in m for m in messages) and result.metrics["schedule"]["ewc_lambda"] == 0.0
+    assert result.meta.lineage["fisher_sentences"] == 0 and not (tmp_path / "v2" / "fisher.safetensors").exists()
 
 
 def test_distillation_term_is_zero_for_the_base_itself(small_model_dir, corpus):
