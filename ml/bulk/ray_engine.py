@@ -92,7 +92,11 @@ def _round(job: BulkJob, shards: Sequence[ShardSpec], workers: int | None, progr
 
 
 def run_ray(job: BulkJob, pending: Sequence[ShardSpec], workers: int | None, address: str | None, progress: Progress) -> list[ShardResult]:
-    import ray
+    try:
+        import ray
+        import ray.data  # (Ray Data: the [data] half of the extra)
+    except ImportError as e:
+        raise BulkError(f"--engine ray needs Ray Data: pip install '.[ray]' (ray[data]==2.60.0); {e}") from None
 
     started_here = _connect(address)
     out = OutputFolder(job.out, job.output_format)

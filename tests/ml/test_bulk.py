@@ -281,3 +281,12 @@ def test_the_automatic_shard_size_depends_on_the_inputs_alone(tmp_path, small_mo
     assert auto_shard_size(expand_inputs([str(middle)])) == 300
     summary = run(job(tmp_path, small_model_dir, [small]), workers=2)
     assert summary["shards"] == 3 and json.loads((tmp_path / "out" / "_job.json").read_text())["shard_size"] == MIN_SHARD_SIZE
+
+
+def test_engine_ray_without_ray_installed_says_what_to_install(tmp_path, small_model_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    path = write_lines(tmp_path / "in.txt", TEXTS[:1])
+    with pytest.raises(BulkError, match=r"pip install '\.\[ray\]'"):
+        run(job(tmp_path, small_model_dir, [path]), engine="ray")
