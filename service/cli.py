@@ -43,6 +43,14 @@ def clear_stale_metrics_dirs(tmp: str | None = None) -> list[Path]:
     return removed
 
 
+def http_protocol() -> str:
+    """uvicorn's ``http`` setting for ``ner serve``: httptools keeping an absolute-form request target
+    for the host check (service/api/http_protocol.py); h11, which keeps it by itself, without httptools."""
+    import importlib.util
+
+    return "service.api.http_protocol:TargetKeepingHttpTools" if importlib.util.find_spec("httptools") else "h11"
+
+
 class AppFactory:
     """What a worker process calls to build its app: ``create_app`` with the settings ``ner serve``
     read once (the command line's --host and --device included). Picklable, so the supervisor hands
@@ -129,7 +137,7 @@ def _serve(args: argparse.Namespace, settings: Settings, overrides: dict[str, An
     from service.serving import supervisor
 
     config: dict[str, Any] = {"factory": True, "host": args.host, "port": args.port, "log_level": args.log_level,
-                              "access_log": args.access_log, "proxy_headers": True}
+                              "access_log": args.access_log, "proxy_headers": True, "http": http_protocol()}
     if args.workers > 1 and not args.shared_socket and supervisor.available():
         # a socket per worker: the kernel spreads connections over them (service/serving/supervisor.py)
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")

@@ -17,7 +17,7 @@ from service.api import error_handlers, openapi
 from service.api.deps import require_probe_key
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.routes import annotations as annotation_routes
-from service.api.routes import documents, feedback, health, jobs, models, rules, tag
+from service.api.routes import documents, feedback, health, jobs, models, predictions, rules, tag
 from service.api.routes.annotate import router as annotate_page
 from service.config import Settings
 from service.serving.engine import TaggingEngine
@@ -89,11 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     error_handlers.install(app)
     app.include_router(annotate_page)
-    for router in (tag.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, rules.router, jobs.router, health.router):
+    for router in (tag.router, predictions.router, feedback.router, annotation_routes.router, documents.router, models.router, models.admin, rules.router, jobs.router, health.router):
         app.include_router(router)
     openapi.install(app, require_probe_key, config.key_ring.guarded, config.protect_probes)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s, larger={"/admin/rules": config.rules_max_body_bytes})
-    app.add_middleware(security.TrustedHost, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
+    app.add_middleware(security.HeaderChecks, hosts=security.allowed_hosts(config.allowed_hosts, config.bind_host))
     app.add_middleware(RequestMetrics)
     return app
 

@@ -187,7 +187,7 @@ class ModelVersionOut(BaseModel):
 
 
 class RegisterModel(Strict):
-    path: StrictStr = Field(description="model folder, as seen by the service")
+    path: StrictStr = Field(min_length=1, pattern=r"\S", description="model folder inside MODELS_DIR, as seen by the service")
     activate: StrictBool = True
 
 
@@ -221,3 +221,8 @@ class JobOut(BaseModel):
 class Erased(BaseModel):
     document_id: uuid.UUID
     deleted: dict[str, int] = Field(description="rows removed: documents, predictions, annotations")
+
+
+class PredictionErased(BaseModel):
+    prediction_id: uuid.UUID
+    deleted: dict[str, int] = Field(description="rows removed: the prediction, its text (documents: 1) unless a correction refers to it, annotations: 0")

@@ -1,6 +1,7 @@
 """Who may do what, and what the service may touch: API keys with roles, the refusal to serve an
-open API on a non-loopback address, the confinement of model folders to MODELS_DIR, and the
-trusted-host check. No FastAPI routes here (the dependencies live in ``service.api.deps``)."""
+open API on a non-loopback address, the confinement of model folders to MODELS_DIR, and the checks
+of every request's Host and credential headers (ambiguity is refused, never resolved). No FastAPI
+routes here (the dependencies live in ``service.api.deps``)."""
 from __future__ import annotations
 
 import hmac
@@ -136,30 +137,97 @@ def allowed_hosts(configured: list[str], bind_host: str) -> frozenset[str] | Non
     return frozenset({*LOOPBACK_NAMES, bind_host.strip("[]").lower()})
 
 
-def host_name(header: str) -> str:
-    """The host of a Host header, without the port (``[::1]:8000`` -> ``::1``)."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+# a Host header: a DNS name or IPv4 address, or an IPv6 address in brackets, and an optional port
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_.-]+))(?::(?P<port>[0-9]{1,5}))?")
+# the headers that carry a key; a request carries at most one of them, once
+CREDENTIAL_HEADERS = {b"x-api-key": "X-API-Key", b"x-admin-key": "X-Admin-Key", b"authorization": "Authorization"}
+# where service.api.http_protocol keeps an absolute-form request target (uvicorn's httptools
+# protocol passes on only its path; h11 leaves the whole target in raw_path)
+TARGET_EXTENSION = "ner.request_target"
 
 
-class TrustedHost:
-    """Pure ASGI middleware: 400 for a Host header outside the allowed set (DNS rebinding against an
-    open local instance points a browser's requests at 127.0.0.1 under the attacker's name)."""
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused before it reaches a route: the status, the error code and message, headers."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def parse_host(header: str) -> str | None:
+    """The host name of a Host header (``[::1]:8000`` -> ``::1``), or None when it is not
+    ``name[:port]`` (userinfo as in ``localhost:8000@evil``, spaces, a path, a bad port)."""
+    m = _HOST.fullmatch(header.strip().lower())
+    if m is None or (m.group("port") is not None and int(m.group("port")) > 65535):
+        return None
+    return m.group("v6") or m.group("name")
+
+
+def host_problem(headers: list[tuple[bytes, bytes]], target: bytes | None, hosts: frozenset[str] | None) -> Refusal | None:
+    """Why the request's Host is refused, or None: two Host headers, a malformed one, an
+    absolute-form ``target`` naming another host, or (with ``hosts``) a host not served here."""
+    values = [v.decode("latin-1") for k, v in headers if k == b"host"]
+    if len(values) > 1:
+        return Refusal(400, "ambiguous_host", f"{len(values)} Host headers; send exactly one")
+    header = values[0] if values else ""
+    if header and parse_host(header) is None:
+        return Refusal(400, "invalid_host", f"Host {header[:100]!r} is not name[:port]")
+    if target is not None and not target.startswith(b"/") and target != b"*":
+        authority = target.split(b"://", 1)[-1].split(b"/", 1)[0].split(b"?", 1)[0].decode("latin-1")
+        if authority.lower() != header.strip().lower():
+            return Refusal(400, "ambiguous_host", f"the request target names {authority[:100]!r} but Host is {header[:100]!r}")
+    if hosts is not None and (parse_host(header) or "") not in hosts:
+        return Refusal(400, "untrusted_host", f"Host {header[:100]!r} is not served here; set ALLOWED_HOSTS to add it")
+    return None
+
+
+def credential_problem(headers: list[tuple[bytes, bytes]]) -> Refusal | None:
+    """Why the request's credential headers are refused, or None: more than one (two of one header
+    included: which would count?), an empty one, or an ``Authorization`` of another scheme than
+    Bearer. Whether the key is valid is the routes' business (service.api.deps)."""
+    found = [(CREDENTIAL_HEADERS[k], v) for k, v in headers if k in CREDENTIAL_HEADERS]
+    if not found:
+        return None
+    challenge = ((b"www-authenticate", b"ApiKey"),)
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        return Refusal(401, "ambiguous_credentials", f"one credential per request, this one has {len(found)} ({names}): send one key in one header", challenge)
+    name, value = found[0]
+    scheme, _, token = value.strip().partition(b" ")
+    if not value.strip():
+        reason = f"the {name} header is empty: send a key or leave the header out"
+    elif name == "Authorization" and (scheme.lower() != b"bearer" or not token.strip()):
+        reason = "Authorization must be 'Bearer <API key>' (no other scheme is accepted)"
+    else:
+        return None
+    return Refusal(401, "invalid_credentials", reason, challenge)
+
+
+class HeaderChecks:
+    """Pure ASGI middleware: ambiguity is refused, never resolved silently. 400 for two Host headers,
+    a malformed Host, an absolute-form target naming another host, or a Host outside the allowed
+    set (DNS rebinding against an open local instance points a browser's requests at 127.0.0.1
+    under the attacker's name); 401 for more than one credential header or a malformed one, on
+    every route (also those that need no key): the request is not authenticated, whichever key
+    would have counted."""
 
     def __init__(self, app, hosts: frozenset[str] | None):
         self.app = app
         self.hosts = hosts
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.hosts is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-        if host_name(header) in self.hosts:
+        headers = scope.get("headers") or []
+        target = (scope.get("extensions") or {}).get(TARGET_EXTENSION) or scope.get("raw_path")
+        refusal = host_problem(headers, target, self.hosts) or credential_problem(headers)
+        if refusal is None:
             return await self.app(scope, receive, send)
-        payload = json.dumps(error_body("untrusted_host", f"Host {header!r} is not served here; set ALLOWED_HOSTS to add it")).encode()
-        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        payload = json.dumps(error_body(refusal.code, refusal.message)).encode()
+        response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *refusal.headers]
+        await send({"type": "http.response.start", "status": refusal.status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
         return None
 

@@ -29,8 +29,8 @@ ERROR_SCHEMA = {
 }
 
 _DESCRIPTIONS = {
-    400: "untrusted Host header, or a body that cannot be parsed",
-    401: "missing or unknown API key",
+    400: "an untrusted, malformed or repeated Host header, or a body that cannot be parsed",
+    401: "more than one credential header, or one that is empty or not Bearer (on every route); on a protected route also a missing or unknown key",
     403: "the key lacks the role this route needs, or admin endpoints are disabled",
     404: "no such resource",
     408: "the request body did not arrive within BODY_TIMEOUT_S",
@@ -46,6 +46,7 @@ _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/admin/models"): (409,),
     ("post", "/admin/models/{model_id}/activate"): (404,),
     ("delete", "/documents/{document_id}"): (404,),
+    ("delete", "/predictions/{prediction_id}"): (404,),
     ("post", "/admin/retrain"): (404,),
     ("get", "/admin/jobs/{job_id}"): (404,),
 }
@@ -95,9 +96,9 @@ def build_schema(app: FastAPI, guarded: bool = True, protect_probes: bool = True
             if (probe and not (protect_probes and guarded)) or (role is not None and role != "admin" and not guarded):
                 op.pop("security", None)
                 role = None
-            codes = {400}
+            codes = {400, 401}  # a malformed credential is refused on every route (service.security)
             if op.get("security"):
-                codes |= {401, 403}
+                codes.add(403)
             if role is not None:
                 op["x-required-role"] = role
                 op["description"] = (op.get("description", "") + f"\n\nRequires an API key with the **{role}** role (when API_KEYS holds keys).").strip()

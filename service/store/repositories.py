@@ -9,11 +9,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from sqlalchemy import Dialect, Engine, Table, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Dialect, Engine, Table, and_, delete, distinct, func, insert, or_, select, tuple_, update
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.store.tables import Annotation, Document, ModelVersion, Prediction, new_id, new_ids, utcnow
 
@@ -145,6 +145,18 @@ def find_by_idempotency_key(session: Session, *, key: str, request_sha256: str, 
     return found
 
 
+def _advisory_lock(session: Session, key: int) -> None:
+    """On PostgreSQL, wait for and hold a transaction-scoped advisory lock on ``key`` (until commit or
+    rollback); elsewhere nothing (SQLite runs one writing transaction at a time anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _lock_text(session: Session, digest: str) -> None:
+    """Serialise the writes that concern one text (corrections, erasures) by its SHA-256."""
+    _advisory_lock(session, int(digest[:15], 16))
+
+
 def _document_for_text(session: Session, digest: str) -> Document | None:
     """The document a new text's correction belongs to: the one its accepted correction is on, else
     the newest stored copy of the text (so the same text twice is one document)."""
@@ -199,10 +211,9 @@ def create_annotation(
     prediction_id = prediction.id if prediction is not None else None
     not_before = utcnow() - idempotency_ttl if idempotency_ttl is not None else None
     for attempt in range(attempts):
-        if session.get_bind().dialect.name == "postgresql":
-            # corrections of one text queue up behind each other (until commit): the later one finds
-            # the earlier's document and supersedes its correction, instead of failing on the index
-            session.execute(sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(digest[:15], 16)})
+        # corrections of one text queue up behind each other (until commit): the later one finds
+        # the earlier's document and supersedes its correction, instead of failing on the index
+        _lock_text(session, digest)
         if idempotency_key is not None:
             found = find_by_idempotency_key(session, key=idempotency_key, request_sha256=request_sha256 or "", not_before=not_before)
             if found is not None:
@@ -266,20 +277,36 @@ def iter_annotations(session: Session, *, since: dt.datetime | None = None, batc
         last_id = rows[-1].id
 
 
+def _uncorrected_text() -> ColumnElement[bool]:
+    """A stored copy of a text (with its text) that no accepted correction covers."""
+    accepted = select(Annotation.id).where(Annotation.text_sha256 == Document.text_sha256, Annotation.status == "accepted")
+    return and_(Document.text.is_not(None), ~accepted.exists())
+
+
 def least_confident(session: Session, *, limit: int) -> list[Prediction]:
-    """Stored predictions whose weakest token marginal is lowest, on texts nobody corrected yet."""
-    corrected = select(Annotation.document_id)
+    """Stored predictions whose weakest token marginal is lowest, on texts nobody corrected yet: one
+    per text (the least confident of its stored copies), none of a text with an accepted correction
+    (on any copy). Both conditions are NOT EXISTS probes of indexed columns, so the database can walk
+    the min_score index and stop after ``limit`` rows."""
+    other, copy = aliased(Prediction), aliased(Document)
+    ranks_before = tuple_(other.min_score, other.created_at, other.id) < tuple_(Prediction.min_score, Prediction.created_at, Prediction.id)
+    better_copy = select(other.id).join(copy, other.document_id == copy.id).where(copy.text_sha256 == Document.text_sha256, copy.text.is_not(None), ranks_before)
     query = (
         select(Prediction)
         .join(Document)
-        .where(Document.text.is_not(None), Prediction.document_id.not_in(corrected))
-        .order_by(Prediction.min_score.asc(), Prediction.created_at.asc())
+        .where(_uncorrected_text(), ~better_copy.exists())
+        .order_by(Prediction.min_score.asc(), Prediction.created_at.asc(), Prediction.id.asc())
         .limit(limit)
     )
     return list(session.scalars(query).all())
 
 
 def register_model(session: Session, *, name: str, version: str, path: str, metrics: dict, lineage: dict) -> ModelVersion:
+    """The models row of ``name`` and ``version``, inserted or updated. Workers starting together on
+    PostgreSQL take turns (an advisory lock until commit): the later ones find the row instead of
+    inserting it again, which failed on uq_models_name_version (an ERROR in the server's log and a
+    sequence value lost). On SQLite a concurrent insert still fails; the caller looks the row up."""
+    _advisory_lock(session, int(sha256(f"models\0{name}\0{version}")[:15], 16))
     row = session.scalars(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
     if row is None:
         row = ModelVersion(name=name, version=version, path=path, metrics=metrics, lineage=lineage, active=False)
@@ -327,13 +354,12 @@ def count_accepted_annotations(session: Session) -> int:
 
 
 def count_queue(session: Session) -> int:
-    """How many stored predictions ``least_confident`` could still hand out."""
-    corrected = select(Annotation.document_id)
-    query = select(func.count()).select_from(Prediction).join(Document).where(Document.text.is_not(None), Prediction.document_id.not_in(corrected))
+    """How many texts ``least_confident`` could still hand out (one per text)."""
+    query = select(func.count(distinct(Document.text_sha256))).select_from(Prediction).join(Document).where(_uncorrected_text())
     return session.scalar(query) or 0
 
 
-# retention and erasure: what `ner db purge` and DELETE /documents/{id} remove
+# retention and erasure: what `ner db purge`, DELETE /documents and DELETE /predictions/{id} remove
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -371,20 +397,44 @@ def purge(session: Session, *, retention_days: float | None, idempotency_ttl: dt
 
 
 def erase_document(session: Session, *, document_id: uuid.UUID) -> Removed | None:
-    """Erase a text and everything derived from it: every stored copy of the same text (documents
-    with its hash), their predictions and their corrections. None if the document does not exist."""
+    """``erase_text`` for the text of a stored document. None if the document does not exist."""
     document = session.get(Document, document_id)
     if document is None:
         return None
-    copies = select(Document.id).where(Document.text_sha256 == document.text_sha256)
-    removed = Removed(
-        predictions=session.scalar(select(func.count()).select_from(Prediction).where(Prediction.document_id.in_(copies))) or 0,
-        annotations=session.scalar(select(func.count()).select_from(Annotation).where(Annotation.document_id.in_(copies))) or 0,
-    )
+    return erase_text(session, digest=document.text_sha256)
+
+
+def erase_text(session: Session, *, digest: str) -> Removed:
+    """Erase a text and everything derived from it: every stored copy of the text whose SHA-256 is
+    ``digest`` (documents, also those that kept only the hash), their predictions and every
+    correction of it."""
+    _lock_text(session, digest)
+    copies = select(Document.id).where(Document.text_sha256 == digest)
+    of_text = or_(Annotation.document_id.in_(copies), Annotation.text_sha256 == digest)
     # explicit deletes rather than relying on ON DELETE CASCADE alone (a SQLite connection without
     # PRAGMA foreign_keys would silently keep the children)
-    session.execute(delete(Annotation).where(Annotation.document_id.in_(copies)))
-    session.execute(delete(Prediction).where(Prediction.document_id.in_(copies)))
-    removed.documents = _rowcount(session.execute(delete(Document).where(Document.text_sha256 == document.text_sha256)))
+    removed = Removed(annotations=_rowcount(session.execute(delete(Annotation).where(of_text))))
+    removed.predictions = _rowcount(session.execute(delete(Prediction).where(Prediction.document_id.in_(copies))))
+    removed.documents = _rowcount(session.execute(delete(Document).where(Document.text_sha256 == digest)))
+    session.commit()
+    return removed
+
+
+def erase_prediction(session: Session, *, prediction_id: uuid.UUID) -> Removed | None:
+    """Delete a prediction, and its stored text (its document) when nothing else refers to it: no
+    other prediction and no correction (a correction keeps its text: it is the training data; a
+    correction of this prediction stays, without the link). None if the prediction does not exist."""
+    prediction = session.get(Prediction, prediction_id)
+    if prediction is None:
+        return None
+    document_id, digest = prediction.document_id, prediction.document.text_sha256
+    _lock_text(session, digest)  # a correction of the same text cannot join the document meanwhile
+    session.execute(update(Annotation).where(Annotation.prediction_id == prediction_id).values(prediction_id=None))
+    removed = Removed(predictions=_rowcount(session.execute(delete(Prediction).where(Prediction.id == prediction_id))))
+    referred = or_(
+        select(Prediction.id).where(Prediction.document_id == document_id).exists(),
+        select(Annotation.id).where(Annotation.document_id == document_id).exists(),
+    )
+    removed.documents = _rowcount(session.execute(delete(Document).where(Document.id == document_id, ~referred)))
     session.commit()
     return removed

@@ -140,3 +140,17 @@ def erase_document(session: Session, *, document_id: uuid.UUID) -> repositories.
     if removed is None:
         raise ApiError(404, "document_not_found", f"no stored document with id {document_id}")
     return removed
+
+
+def erase_text(session: Session, *, sha256: str) -> repositories.Removed:
+    """Delete every stored copy of the text with this SHA-256 (hex, either case), their predictions
+    and its corrections; nothing stored is not an error (the answer must not tell whether it was)."""
+    return repositories.erase_text(session, digest=sha256.lower())
+
+
+def erase_prediction(session: Session, *, prediction_id: uuid.UUID) -> repositories.Removed:
+    """Delete a prediction and its stored text unless a correction (or another prediction) refers to it."""
+    removed = repositories.erase_prediction(session, prediction_id=prediction_id)
+    if removed is None:
+        raise ApiError(404, "prediction_not_found", f"no stored prediction with id {prediction_id}")
+    return removed

@@ -75,7 +75,7 @@ def test_openapi_names_each_routes_role(keyed, client):
     assert paths["/healthz"]["get"].get("security") is None  # probes open: no key declared
     # without API_KEYS only /admin checks a key, and the schema says so
     open_paths = client.get("/openapi.json").json()["paths"]
-    assert "security" not in open_paths["/tag"]["post"] and "401" not in open_paths["/tag"]["post"]["responses"]
+    assert "security" not in open_paths["/tag"]["post"] and "403" not in open_paths["/tag"]["post"]["responses"]
     assert open_paths["/admin/models"]["get"]["x-required-role"] == "admin"
 
 
