@@ -141,7 +141,7 @@
     const out = [];
     for (const e of entities) {
       const touched = touchedTokens(tokens, e.start, e.end);
-      if (touched) out.push({ s: touched[0], e: touched[1] + 1, label: e.label, score: e.score });
+      if (touched) out.push({ s: touched[0], e: touched[1] + 1, label: e.label, score: e.score, ruleId: e.source === "rule" ? e.rule_id : undefined });
     }
     return sortAndDropOverlaps(out);
   }
@@ -199,9 +199,12 @@
       const map = new OffsetMap(next.text);
       setItem({
         kind: "queue", predictionId: next.prediction_id, text: next.text, map, tokens: tagged.tokens,
-        entities: toRanges(next.entities, tagged.tokens), model: next.model, key: null, keyBody: null, counted: false,
+        // the proposals are today's: the served model and the entity rules now (the stored
+        // prediction may predate a rule); the queue's order comes from the stored prediction
+        entities: toRanges(tagged.entities, tagged.tokens), model: tagged.model, key: null, keyBody: null, counted: false,
       });
-      $("source").textContent = `From the queue (least confident first; weakest token ${next.min_score.toFixed(3)}); predicted by ${next.model.name} ${next.model.version}`;
+      $("source").textContent = `From the queue (least confident first; weakest token ${next.min_score.toFixed(3)}); stored by ${next.model.name} ${next.model.version}, `
+        + `proposals from ${tagged.model.name} ${tagged.model.version} and the entity rules`;
       clearError();
     } finally {
       state.busy = false;
@@ -281,7 +284,8 @@
         holder.dataset.label = ent.label;
         holder.dataset.s = t.start;
         holder.dataset.first = ent.s;
-        if (ent.score !== undefined) holder.title = `${ent.label}, score ${Number(ent.score).toFixed(3)}`;
+        if (ent.ruleId !== undefined) holder.title = `${ent.label}, from entity rule ${ent.ruleId}`;
+        else if (ent.score !== undefined) holder.title = `${ent.label}, score ${Number(ent.score).toFixed(3)}`;
         if (sel && sel.entity === ent) holder.classList.add("focused");
         holder.dataset.lastToken = ent.e - 1;
         doc.appendChild(holder);
