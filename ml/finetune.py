@@ -661,6 +661,13 @@ def record(inputs: FinetuneInputs, prep: Prepared, fitted: Fitted, cfg: Finetune
     return meta, Predictor(fitted.model, fitted.vocab, loaded.config.model.max_word_length)
 
 
+def _reference(inputs: FinetuneInputs, prep: Prepared) -> Predictor:
+    """What the candidate is compared with: ``inputs.reference`` (the served version), else the base."""
+    if inputs.reference is not None:
+        return Predictor.load(inputs.reference, script=False, fast=False)
+    return Predictor(prep.loaded.model, prep.loaded.vocab, prep.loaded.config.model.max_word_length)
+
+
 def finetune(
     inputs: FinetuneInputs, config: FinetuneConfig | None = None,
     progress: Callable[[float, str], None] = lambda fraction, message: None, should_stop: Callable[[], bool] = lambda: False,
@@ -676,9 +683,7 @@ def finetune(
     prep = prepare(inputs, cfg, progress)
     fitted = fit(prep, inputs, cfg, progress, should_stop)
     meta, candidate = record(inputs, prep, fitted, cfg)
-    reference = Predictor.load(inputs.reference, script=False, fast=False) if inputs.reference is not None else \
-        Predictor(prep.loaded.model, prep.loaded.vocab, prep.loaded.config.model.max_word_length)
-    metrics = measure(prep, candidate, reference, cfg)
+    metrics = measure(prep, candidate, _reference(inputs, prep), cfg)
     metrics.update({
         "train_seconds": round(time.perf_counter() - started, 1),
         "history": fitted.history,
@@ -687,6 +692,59 @@ def finetune(
     if inputs.out is not None:
         (Path(inputs.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return FinetuneResult(Path(inputs.out) if inputs.out is not None else None, metrics, meta, fitted.model)
+
+
+class _StopRequest(Callback):
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def on_batch_end(self, trainer: Trainer, loss: float, sequences: int, tokens: int) -> None:
+        if self.should_stop():
+            raise Cancelled("training stopped on request")
+
+
+def retrain(
+    inputs: FinetuneInputs, config: FinetuneConfig | None = None,
+    progress: Callable[[float, str], None] = lambda fraction, message: None, should_stop: Callable[[], bool] = lambda: False,
+) -> FinetuneResult:
+    """A training from scratch with the base model's own recipe (its config.json) on the base corpus
+    plus the training corrections (``correction_weight`` times each), split, measured and recorded
+    as a fine-tune is. Needs the base corpus (``inputs.base_data``) and an output folder."""
+    from ml.train import default_callbacks, train
+
+    cfg = (config or FinetuneConfig()).validate()
+    check_version(inputs.version)
+    if inputs.base_data is None or inputs.out is None:
+        raise ValueError("a full retrain needs the base corpus (BASE_CORPUS, or --data) and an output folder")
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prep = prepare(inputs, cfg, progress)
+    loaded = prep.loaded
+    base = loaded.config.to_dict()
+    recipe = Config.from_dict({**base, "train": {**base["train"], "device": "cpu", "threads": cfg.threads, "seed": cfg.seed}})
+    lineage = {**inputs.lineage, "method": "retrain", "base_model": f"{loaded.meta.name} {loaded.meta.version}", "corrections": len(inputs.corrections),
+               "train_documents": len(prep.splits.train), "heldout_documents": len(prep.splits.heldout), "time_documents": len(prep.splits.time),
+               "correction_weight": cfg.correction_weight, "corrections_fingerprint": _fingerprint(inputs.corrections)}
+    name = inputs.name or loaded.meta.name
+    epochs = recipe.train.epochs
+
+    def log(message: str) -> None:
+        done = message.split()[1] if message.startswith("epoch") else "0"
+        progress(int(done) / epochs if done.isdigit() else 0.0, message)
+
+    callbacks = [*default_callbacks(recipe, inputs.out, name, inputs.version, lineage, False, log, select_on_dev=not recipe.train.fit_dev),
+                 _StopRequest(should_stop)]
+    progress(0.0, f"full retrain with {name} {loaded.meta.version}'s recipe ({epochs} epochs) on {len(prep.base_train)} base sentences "
+                  f"and {len(prep.train)} correction sentences x {cfg.correction_weight}")
+    train(recipe, prep.base_train + prep.train * cfg.correction_weight, prep.base_dev, inputs.out, name, inputs.version, lineage,
+          progress=False, log=log, callbacks=callbacks)
+    candidate = Predictor.load(inputs.out)
+    metrics = measure(prep, candidate, _reference(inputs, prep), cfg)
+    metrics.update({"train_seconds": round(time.perf_counter() - started, 1), "method": "retrain"})
+    (Path(inputs.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    candidate_meta = load_model(inputs.out).meta
+    return FinetuneResult(Path(inputs.out), metrics, candidate_meta)
 
 
 def _fingerprint(corrections: Sequence[Correction]) -> str:

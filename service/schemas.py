@@ -194,6 +194,7 @@ class RegisterModel(Strict):
 class RetrainRequest(Strict):
     base_model_id: StrictInt | None = Field(None, description="model version to fine-tune (default: the active one when the job runs)")
     finetune: dict = Field(default_factory=dict, description='fine-tuning settings for this job over FINETUNE, e.g. {"epochs": 4}')
+    method: Literal["finetune", "retrain"] = Field("finetune", description="finetune: from the base model's weights; retrain: from scratch with its recipe on BASE_CORPUS plus the corrections (needs BASE_CORPUS)")
 
 
 class JobOut(BaseModel):

@@ -61,16 +61,20 @@ def finetune_config(overrides: dict[str, Any]):
     return FinetuneConfig.from_dict(overrides, "fine-tuning settings")
 
 
-def request_retrain(session: Session, *, settings, base_model_id: int | None, finetune: dict[str, Any]) -> tuple[TrainingJob, bool]:
+def request_retrain(
+    session: Session, *, settings, base_model_id: int | None, finetune: dict[str, Any], method: str = "finetune",
+) -> tuple[TrainingJob, bool]:
     """POST /admin/retrain's rules: the settings must be valid, the base model must exist, there
-    must be corrections; a job already queued or running is returned instead of a second one.
-    Returns (job, created)."""
+    must be corrections, a full retrain needs BASE_CORPUS; a job already queued or running is
+    returned instead of a second one. Returns (job, created)."""
     from ml.config import ConfigError
 
     try:
         finetune_config({**settings.finetune, **finetune})
     except ConfigError as e:
         raise ApiError(422, "invalid_request", str(e)) from None
+    if method == "retrain" and not settings.base_corpus:
+        raise ApiError(422, "invalid_request", "method retrain trains from scratch on the base corpus: set BASE_CORPUS for the trainer (docs/learning-loop.md)")
     if base_model_id is not None and repositories.get_model(session, model_id=base_model_id) is None:
         raise ApiError(404, "model_not_found", f"no model version with id {base_model_id}")
     if jobs_repo.count_corrections(session) == 0:
@@ -78,7 +82,9 @@ def request_retrain(session: Session, *, settings, base_model_id: int | None, fi
     open_job = jobs_repo.open_job(session)
     if open_job is not None:
         return open_job, False
-    params = {"finetune": finetune} if finetune else {}
+    params: dict[str, Any] = {"finetune": finetune} if finetune else {}
+    if method != "finetune":
+        params["method"] = method
     return jobs_repo.create_job(session, trigger="api", params=params, base_model_id=base_model_id), True
 
 
@@ -189,20 +195,23 @@ def run_job(
     """Fine-tune, register, gate. Raises JobError (or any error of the training) on failure."""
     import torch
 
-    from ml.finetune import FinetuneInputs, finetune, promotion_decision
+    from ml.finetune import FinetuneInputs, finetune, promotion_decision, retrain
 
+    method = job.params.get("method", "finetune")
     config = finetune_config({**settings.finetune, **(job.params.get("finetune") or {})})
     torch.set_num_threads(config.threads or settings.threads)
     inputs = _job_inputs(sessions, job, settings)
     base, active = inputs.base, inputs.active
     out = settings.models_dir / f"{base.name}-{inputs.version}"
     base_data = read_base_corpus(settings.base_corpus)
-    log(0.0, f"job {job.id} (attempt {job.attempts}): fine-tuning {base.name} {base.version} on {len(inputs.corrections)} corrections "
+    if method == "retrain" and base_data is None:
+        raise JobError("a retrain job trains on the base corpus: set BASE_CORPUS for the trainer")
+    log(0.0, f"job {job.id} (attempt {job.attempts}): {'retraining' if method == 'retrain' else 'fine-tuning'} {base.name} {base.version} on {len(inputs.corrections)} corrections "
         f"({len(inputs.stored)} stored texts nobody corrected{', the base corpus' if base_data else ''}) into {inputs.version} at {out}, "
         f"{torch.get_num_threads()} threads")
     # the gate compares with the version being served, on the same held-out texts
     reference = active.path if active is not None and active.id != base.id else None
-    result = finetune(
+    result = (retrain if method == "retrain" else finetune)(
         FinetuneInputs(base.path, inputs.corrections, inputs.version, out, base.name, base_data, inputs.stored, reference,
                        lineage={"job_id": job.id, "base_model_id": base.id}),
         config, progress=lambda f, m: log(0.95 * f, m), should_stop=should_stop,

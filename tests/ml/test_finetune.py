@@ -416,3 +416,27 @@ def test_finetune_reports_every_measure_and_stops_early_on_its_own_split(small_m
     assert m["schedule"]["epochs"] == 6 and 1 <= m["schedule"]["best_epoch"] <= len(m["history"]) <= 6
     assert all(h["stop_f1"] is not None for h in m["history"])
     assert any(msg.startswith("schedule:") for msg in messages) and result.path is None and result.model is not None
+
+
+def test_full_retrain_trains_the_base_recipe_on_the_corpus_and_the_corrections(small_model_dir, corpus, tmp_path):
+    import shutil
+
+    from ml.finetune import retrain
+
+    base = tmp_path / "base"
+    shutil.copytree(small_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["train"]["epochs"], config["train"]["patience"] = 3, 3  # the recipe, shortened for the test
+    (base / "config.json").write_text(json.dumps(config))
+    corrections = _documents(30)
+    with pytest.raises(ValueError, match="needs the base corpus"):
+        retrain(FinetuneInputs(base, corrections, "1.1.0", tmp_path / "v2"))
+    messages: list[str] = []
+    result = retrain(FinetuneInputs(base, corrections, "1.1.0", tmp_path / "v2", base_data=(corpus, corpus[:20]), pretrained=None),
+                     FinetuneConfig(threads=1, correction_weight=2), progress=lambda f, m: messages.append(m))
+    assert result.meta.lineage["method"] == "retrain" and result.meta.version == "1.1.0" and result.metrics["method"] == "retrain"
+    assert result.meta.lineage["train_sentences"] == len(corpus) + 2 * result.meta.lineage["train_documents"]
+    assert result.metrics["heldout"]["documents"] == result.meta.lineage["heldout_documents"] and "dev" in result.metrics
+    assert any(m.startswith("full retrain with small 1.0.0's recipe (3 epochs)") for m in messages)
+    assert json.loads((tmp_path / "v2" / "metrics.json").read_text())["heldout"] == result.metrics["heldout"]
+    assert load_model(tmp_path / "v2").meta.lineage["corrections"] == 30

@@ -72,3 +72,17 @@ def test_gain_curve_has_one_point_per_succeeded_job_up_to_this_one(sqlite_url):
             assert len(gain_curve(session, jobs[3])) == 3
     finally:
         engine.dispose()
+
+
+def test_a_full_retrain_job_needs_the_base_corpus(sqlite_url, small_model_dir, tmp_path):
+    from tests.service.conftest import running_app
+
+    admin = {"X-Admin-Key": "c" * 24}
+    with running_app(make_settings(sqlite_url, small_model_dir, admin_key=admin["X-Admin-Key"])) as c:
+        r = c.post("/admin/retrain", json={"method": "retrain"}, headers=admin)
+        assert r.status_code == 422 and "BASE_CORPUS" in r.json()["error"]["message"]
+        assert c.post("/admin/retrain", json={"method": "distil"}, headers=admin).status_code == 422
+    with running_app(make_settings(sqlite_url, small_model_dir, admin_key=admin["X-Admin-Key"], base_corpus=str(tmp_path)), migrate=False) as c:
+        assert c.post("/feedback", json={"text": "Olga visited Kyoto .", "entities": [{"start": 13, "end": 18, "label": "LOC"}]}).status_code == 201
+        r = c.post("/admin/retrain", json={"method": "retrain"}, headers=admin)
+        assert r.status_code == 202 and r.json()["params"] == {"method": "retrain"}

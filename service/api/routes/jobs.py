@@ -41,9 +41,10 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 
 @router.post("/retrain", response_model=JobOut, status_code=202, responses={200: {"model": JobOut, "description": "a job is already queued or running: that job"}})
 def retrain(body: RetrainRequest, session: SessionDep, runtime: RuntimeDep):
-    """Queue a fine-tuning job on the stored corrections. 202 with the job; a trainer takes it.
+    """Queue a fine-tuning job (or, with ``method: retrain`` and BASE_CORPUS, a full retrain) on the
+    stored corrections. 202 with the job; a trainer takes it.
     While a job is queued or running, the same request answers 200 with that job instead."""
-    job, created = retraining.request_retrain(session, settings=runtime.settings, base_model_id=body.base_model_id, finetune=body.finetune)
+    job, created = retraining.request_retrain(session, settings=runtime.settings, base_model_id=body.base_model_id, finetune=body.finetune, method=body.method)
     if not created:
         return JSONResponse(job_out(job).model_dump(mode="json"), status_code=200)
     return job_out(job)
