@@ -12,19 +12,20 @@ Should a round fail (a node lost with a task Ray could not retry), the shards st
 are run again, up to ``ROUNDS`` rounds, each sized to the CPUs the cluster has then."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from ml.bulk.job import BulkError, BulkJob, ShardResult, ShardWorker
 from ml.bulk.output import OutputFolder
 from ml.bulk.progress import Progress
-from ml.bulk.sources import BulkInputError, RejectedRecord, ShardSpec
+from ml.bulk.sources import BulkInputError, Reject, RejectedRecord, ShardSpec
 
 ROUNDS = 3
+RESULT_FIELDS = ("index", "documents", "rejects", "tokens", "seconds")  # ml.bulk.job.ShardResult
 log = logging.getLogger("ml.bulk.ray")
 
 
@@ -38,27 +39,29 @@ class ShardTagger:
         self.worker = ShardWorker.load(BulkJob.from_dict(job))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One result row per shard. The job's own errors come back as data (``error``: Ray keeps
+        only the text of an exception raised in an actor, and would retry it as if it were a crash)."""
         names = list(batch)
         results = []
         for k in range(len(batch[names[0]])):
             spec = ShardSpec.from_dict({name: batch[name][k].item() if hasattr(batch[name][k], "item") else batch[name][k] for name in names})
-            results.append(self.worker.run(spec).to_dict())
-        return {key: np.array([r[key] for r in results]) for key in ("index", "documents", "rejects", "tokens", "seconds")}
+            row = dict.fromkeys(RESULT_FIELDS, 0) | {"error": ""}
+            try:
+                row |= self.worker.run(spec).to_dict()
+            except RejectedRecord as e:
+                row["error"] = json.dumps({"reject": e.reject.to_dict()})
+            except BulkInputError as e:
+                row["error"] = json.dumps({"input": str(e)})
+            results.append(row)
+        return {key: np.array([r[key] for r in results]) for key in (*RESULT_FIELDS, "error")}
 
 
-def _user_error(error: BaseException) -> BaseException | None:
-    """The job's own error (strict reject, unreadable input) inside Ray's wrapping, if it is one."""
-    seen: set[int] = set()
-    stack: list[Any] = [error]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (RejectedRecord, BulkInputError)):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None
+def _raise_job_error(error: str) -> None:
+    """Raise, in the driver, the error an actor returned (``ShardTagger.__call__``)."""
+    data = json.loads(error)
+    if "reject" in data:
+        raise RejectedRecord(Reject(**data["reject"]))
+    raise BulkInputError(data["input"])
 
 
 def _connect(address: str | None) -> bool:
@@ -85,6 +88,8 @@ def _round(job: BulkJob, shards: Sequence[ShardSpec], workers: int | None, progr
     ds = items.map_batches(ShardTagger, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1, compute=pool, num_cpus=1)
     results = []
     for row in ds.iter_rows():
+        if row["error"]:
+            _raise_job_error(str(row["error"]))
         result = ShardResult(int(row["index"]), int(row["documents"]), int(row["rejects"]), int(row["tokens"]), float(row["seconds"]))
         progress.add(result.documents + result.rejects, result.tokens, result.rejects)
         results.append(result)
@@ -108,10 +113,9 @@ def run_ray(job: BulkJob, pending: Sequence[ShardSpec], workers: int | None, add
                 break
             try:
                 results.extend(_round(job, remaining, workers, progress))
-            except Exception as e:  # Ray wraps what failed in its own types: look inside
-                user = _user_error(e)
-                if user is not None:
-                    raise user from None
+            except (RejectedRecord, BulkInputError):
+                raise
+            except Exception as e:  # whatever Ray raises when a round fails (its own types, wrapping the cause)
                 if attempt == ROUNDS:
                     raise BulkError(f"the Ray job failed {ROUNDS} times, last: {e}; the shards written so far are kept: run the same command again") from e
                 log.warning("Ray round %d failed (%s); running the %d shards still missing again", attempt, type(e).__name__, len(remaining))

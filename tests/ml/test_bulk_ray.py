@@ -12,6 +12,7 @@ import pytest
 from ml.bulk.driver import run_job
 from ml.bulk.job import BulkJob
 from ml.bulk.output import read_rejects, read_rows
+from ml.bulk.sources import RejectedRecord
 from tests.ml.test_bulk import TEXTS, write_lines, write_parquet
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,8 @@ def test_ray_engine_on_a_local_ray_writes_what_the_local_engine_writes(tmp_path,
 
 def test_ray_engine_survives_losing_a_worker_node_mid_job(tmp_path, small_model_dir):
     """Head (no CPU for tasks) and two one-CPU worker nodes; the second is killed once a few shards
-    are written. The job still finishes, and its output holds each document exactly once."""
+    are written. The job still finishes, and its output holds each document exactly once. (Before it,
+    on the same cluster, a --strict job.)"""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -53,6 +55,11 @@ def test_ray_engine_survives_losing_a_worker_node_mid_job(tmp_path, small_model_
         "health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address)
+    # first, --strict: an actor's reject comes back as the job's own error, not as a Ray crash to retry
+    strict = write_lines(tmp_path / "strict.jsonl", [json.dumps({"text": TEXTS[0]}), "{broken"])
+    with pytest.raises(RejectedRecord, match=r"strict.jsonl:2: the line is not JSON"):
+        run_job(BulkJob((str(strict),), str(tmp_path / "strict"), str(small_model_dir), strict=True), engine="ray", workers=1, progress=False)
+    assert ray.is_initialized()  # a Ray the job did not start is left running
     outcome: dict = {}
     out = tmp_path / "out"
 
