@@ -127,6 +127,8 @@ def test_strict_stops_at_the_first_reject(tmp_path, small_model_dir):
     path = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": TEXTS[0]}), json.dumps({"txt": "x"})])
     with pytest.raises(RejectedRecord, match=r"in.jsonl:2: .*no 'text' field"):
         run(job(tmp_path, small_model_dir, [path], strict=True))
+    with pytest.raises(RejectedRecord, match=r"in.jsonl:2: .*no 'text' field"):  # raised in a worker process
+        run(job(tmp_path, small_model_dir, [path], strict=True, shard_size=1, out=tmp_path / "two"), workers=2)
     assert not list((tmp_path / "out").glob("part-*"))
 
 
