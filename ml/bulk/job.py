@@ -64,7 +64,7 @@ class BulkJob:
 
     def plan(self) -> tuple[int, list[ShardSpec]]:
         """The shard size (given, or chosen from the inputs) and the shards."""
-        files = expand_inputs(self.inputs, self.input_format)
+        files = expand_inputs(self.inputs, self.input_format, exclude=self.out)
         size = self.shard_size if self.shard_size is not None else auto_shard_size(files)
         return size, list(plan_shards(files, size, self.options))
 

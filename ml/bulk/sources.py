@@ -104,10 +104,11 @@ def format_of(path: str | Path) -> str:
     return SUFFIXES.get(Path(path).suffix.lower(), "text")
 
 
-def expand_inputs(inputs: Sequence[str], fmt: str = "auto") -> list[InputFile]:
+def expand_inputs(inputs: Sequence[str], fmt: str = "auto", exclude: str | Path | None = None) -> list[InputFile]:
     """The files named by ``inputs`` (files, folders searched recursively, globs with ``**``), each
     once, in a stable order. A folder contributes its files with a known suffix (any file when
-    ``fmt`` is given), skipping names that start with ``.`` or ``_``."""
+    ``fmt`` is given), skipping names that start with ``.`` or ``_``, and a folder or glob nothing
+    under ``exclude`` (the job's output folder, should it lie inside an input folder)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise BulkInputError(f"unknown input format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
     if not inputs:
@@ -129,6 +130,9 @@ def expand_inputs(inputs: Sequence[str], fmt: str = "auto") -> list[InputFile]:
             found = [Path(item)]
         else:
             raise BulkInputError(f"input {item} does not exist")
+        if exclude is not None and (os.path.isdir(item) or glob.has_magic(item)):
+            skip = Path(exclude).resolve()
+            found = [p for p in found if not p.resolve().is_relative_to(skip)]
         for p in found:
             files.setdefault(str(p), InputFile(str(p), fmt if fmt != "auto" else format_of(p)))
     return list(files.values())
@@ -199,6 +203,8 @@ def _parquet_spans(f: InputFile, shard_size: int, options: ReadOptions) -> Itera
     if options.text_field not in schema.names:
         raise BulkInputError(f"{f.path} has no column {options.text_field!r} (columns: {', '.join(schema.names)}); name the text column with --text-field")
     kind = schema.field(options.text_field).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type  # a dictionary-encoded column reads as its values
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise BulkInputError(f"{f.path}: column {options.text_field!r} is {kind}, not a string column")
     meta = pf.metadata

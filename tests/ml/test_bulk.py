@@ -292,3 +292,22 @@ def test_engine_ray_without_ray_installed_says_what_to_install(tmp_path, small_m
     path = write_lines(tmp_path / "in.txt", TEXTS[:1])
     with pytest.raises(BulkError, match=r"pip install '\.\[ray\]'"):
         run(job(tmp_path, small_model_dir, [path]), engine="ray")
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(tmp_path, small_model_dir):
+    import pyarrow as pa
+
+    root = tmp_path / "corpus"
+    write_lines(root / "a.txt", TEXTS[:2])
+    write_parquet(root / "d.parquet", {"text": pa.array(TEXTS[2:4]).dictionary_encode()})  # a dictionary-encoded text column
+    j = job(tmp_path, small_model_dir, [root], out=root / "tagged")
+    assert run(j)["documents"] == 4
+    assert run(j)["shards_run"] == 0  # its own part files did not become inputs
+
+
+def test_an_empty_input_is_a_job_of_no_documents(tmp_path, small_model_dir):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    summary = run(job(tmp_path, small_model_dir, [path]))
+    assert (summary["shards"], summary["documents"], summary["rejects"]) == (0, 0, 0)
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["documents"] == 0
