@@ -49,6 +49,12 @@ _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("delete", "/predictions/{prediction_id}"): (404,),
     ("post", "/admin/retrain"): (404,),
     ("get", "/admin/jobs/{job_id}"): (404,),
+    # entity rules: an unknown rule id or version; 409 when two changes were made from one version
+    **{(m, "/admin/rules" + p): (409,) for m, p in (("post", ""), ("put", ""), ("put", "/mode"), ("post", "/import"))},
+    ("post", "/admin/rules/remove"): (404, 409),
+    ("delete", "/admin/rules/{rule_id}"): (404, 409),
+    ("post", "/admin/rules/versions/{version}/rollback"): (404, 409),
+    ("get", "/admin/rules/export"): (404,),
 }
 # routes that never touch the database or a queue
 _NO_503 = {("get", "/healthz"), ("get", "/model"), ("get", "/metrics")}

@@ -123,7 +123,8 @@ class DryRunOut(BaseModel):
 
 
 def _out(row: RuleSetVersion) -> RuleSetOut:
-    return RuleSetOut(version=row.id, parent=row.parent, mode=row.mode, action=row.action, rule_count=row.rule_count, author=row.author, note=row.note, created_at=row.created_at)
+    created = row.created_at if row.created_at.tzinfo is not None else row.created_at.replace(tzinfo=dt.UTC)  # SQLite drops the zone
+    return RuleSetOut(version=row.id, parent=row.parent, mode=row.mode, action=row.action, rule_count=row.rule_count, author=row.author, note=row.note, created_at=created)
 
 
 Version = Annotated[int, Path(ge=1, le=2**31 - 1, description="a version from GET /admin/rules/versions")]
