@@ -203,3 +203,24 @@ def test_rule_metrics(api):
 def test_admin_rules_need_the_admin_key(api):
     assert api.get("/admin/rules").status_code == 401
     assert api.post("/admin/rules", json={"rules": [{"phrase": "x", "label": "ORG"}]}).status_code == 401
+
+
+def test_two_changes_from_one_version_cannot_both_be_stored(db_url):
+    from ml.rules import Rule
+    from service.store import rules as store
+    from service.store.session import make_engine, make_sessionmaker, upgrade
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            first = store.create_version(session, parent=0, mode="override", action="add", author="a", note=None, new=[Rule("ORG", "Acme")])
+        with sessions() as session, pytest.raises(store.RuleSetConflict, match="version 0 already has a successor"):
+            store.create_version(session, parent=0, mode="override", action="add", author="b", note=None, new=[Rule("ORG", "Globex")])
+        with sessions() as session:
+            assert [v.id for v in store.list_versions(session)] == [first.id]
+            assert [r.phrase for r in store.rules_of(session, version=first.id)] == ["Acme"]
+            assert session.execute(text("SELECT count(*) FROM rules")).scalar() == 1  # the refused change left no rule behind
+    finally:
+        engine.dispose()
