@@ -297,6 +297,13 @@ def test_register_model_schema_refuses_an_empty_path(keyed):
     assert r.status_code == 422 and _code(r) == "invalid_request" and "path" in r.json()["error"]["message"]
 
 
+def test_the_schema_refuses_an_empty_idempotency_key_as_the_service_does(keyed):
+    header = next(p for p in keyed.get("/openapi.json").json()["paths"]["/feedback"]["post"]["parameters"] if p["name"] == "idempotency-key")
+    assert header["schema"]["minLength"] == 1
+    r = keyed.post("/feedback", json={"text": "Tom left .", "entities": []}, headers={"X-API-Key": ANNOTATE, "Idempotency-Key": ""})
+    assert r.status_code == 422 and _code(r) == "invalid_idempotency_key"
+
+
 def test_openapi_declares_the_new_erasure_routes_and_their_role(keyed):
     paths = keyed.get("/openapi.json").json()["paths"]
     assert paths["/predictions/{prediction_id}"]["delete"]["x-required-role"] == "tag"

@@ -19,7 +19,9 @@ def feedback(
     body: FeedbackRequest,
     runtime: RuntimeDep,
     session: SessionDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    # an empty key is refused by store_feedback with its own code (invalid_idempotency_key); the
+    # schema says so too, so that a generated client never sends one
+    idempotency_key: Annotated[str | None, Header(max_length=200, json_schema_extra={"minLength": 1})] = None,
 ):
     result = store_feedback(session, body, idempotency_key=idempotency_key, model=runtime.tagging.model, settings=runtime.settings)
     return JSONResponse(_describe(result.annotation, result.replayed), status_code=200 if result.replayed else 201)
