@@ -132,7 +132,9 @@ class ShardWorker:
         tagger = TextTagger(predictor)
         tagger.tag(["Smoke test, please ignore."])
         meta = predictor.loaded.meta
-        return cls(job, tagger, {"name": meta.name, "version": meta.version})
+        worker = cls(job, tagger, {"name": meta.name, "version": meta.version})
+        worker.out.warm()
+        return worker
 
     def rows(self, docs: list[Document], on_batch: BatchCallback | None = None) -> tuple[list[dict], int]:
         """Output rows of ``docs`` in order, and the number of tokens tagged."""

@@ -95,6 +95,15 @@ class OutputFolder:
         self.path = Path(path)
         self.format = fmt
 
+    def warm(self) -> None:
+        """Import and initialise the Parquet writer (about a second, the first time in a process):
+        done before the local engine forks, the workers do not each pay for it."""
+        if self.format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist([], schema=output_schema()), pa.BufferOutputStream())
+
     def shard_path(self, spec: ShardSpec) -> Path:
         return self.path / f"{spec.name}.{self.format}"
 
