@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from pydantic.json_schema import JsonDict
 
 if TYPE_CHECKING:
@@ -112,14 +112,24 @@ def text_result_json(prediction_id: uuid.UUID | None, model_name: str, model_ver
     return result
 
 
+def _whole_number(value: Any) -> Any:
+    # JSON Schema's "integer" includes 3.0 (a number without a fraction), so the schema promises it is
+    # accepted; StrictInt still refuses strings, booleans and 3.5
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# an integer in a JSON body, as JSON Schema means it (schemathesis sent 211660266597.0 and got 422)
+WholeNumber = Annotated[StrictInt, BeforeValidator(_whole_number)]
+
+
 class EntityIn(Strict):
-    start: StrictInt = Field(ge=0)
-    end: StrictInt = Field(ge=0)
+    start: WholeNumber = Field(ge=0)
+    end: WholeNumber = Field(ge=0)
     label: StrictStr = Field(min_length=1, max_length=50)
     text: StrictStr | None = Field(None, description="optional; must equal the text between start and end")
     score: float | None = Field(None, description="ignored; accepted so predicted entities can be sent back as they came")
     source: Literal["model", "rule"] | None = Field(None, description="ignored, as score")
-    rule_id: StrictInt | None = Field(None, description="ignored, as score")
+    rule_id: WholeNumber | None = Field(None, description="ignored, as score")
 
 
 class FeedbackRequest(Strict):
@@ -192,7 +202,7 @@ class RegisterModel(Strict):
 
 
 class RetrainRequest(Strict):
-    base_model_id: StrictInt | None = Field(None, description="model version to fine-tune (default: the active one when the job runs)")
+    base_model_id: WholeNumber | None = Field(None, description="model version to fine-tune (default: the active one when the job runs)")
     finetune: dict = Field(default_factory=dict, description='fine-tuning settings for this job over FINETUNE, e.g. {"epochs": 4}')
     method: Literal["finetune", "retrain"] = Field("finetune", description="finetune: from the base model's weights; retrain: from scratch with its recipe on BASE_CORPUS plus the corrections (needs BASE_CORPUS)")
 

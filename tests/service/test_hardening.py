@@ -304,6 +304,17 @@ def test_the_schema_refuses_an_empty_idempotency_key_as_the_service_does(keyed):
     assert r.status_code == 422 and _code(r) == "invalid_idempotency_key"
 
 
+def test_a_whole_number_written_with_a_fraction_is_an_integer_as_the_schema_says(keyed):
+    entity = keyed.get("/openapi.json").json()["components"]["schemas"]["EntityIn"]["properties"]["start"]
+    assert entity["type"] == "integer"  # JSON Schema: 3.0 is an integer
+    r = keyed.post("/feedback", json={"text": "Tom left .", "entities": [{"start": 0.0, "end": 3.0, "label": "PER"}]}, headers={"X-API-Key": ANNOTATE})
+    assert r.status_code == 201, r.text
+    assert r.json()["entities"] == [{"start": 0, "end": 3, "label": "PER", "text": "Tom"}]
+    for bad in (0.5, "0", True):
+        r = keyed.post("/feedback", json={"text": "Tom left .", "entities": [{"start": bad, "end": 3, "label": "PER"}]}, headers={"X-API-Key": ANNOTATE})
+        assert r.status_code == 422 and _code(r) == "invalid_request", (bad, r.text)
+
+
 def test_openapi_declares_the_new_erasure_routes_and_their_role(keyed):
     paths = keyed.get("/openapi.json").json()["paths"]
     assert paths["/predictions/{prediction_id}"]["delete"]["x-required-role"] == "tag"
