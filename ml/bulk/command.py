@@ -105,5 +105,8 @@ def cmd_bulk(args: argparse.Namespace, then: Callable[[BulkJob, dict], dict] | N
     except (BulkInputError, OutputError, RejectedRecord, BulkError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the shards written so far are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0

@@ -91,6 +91,10 @@ def _run_pool(pending: Sequence[ShardSpec], workers: int, context: Any, progress
                 results.append(result)
     except BrokenProcessPool:
         raise BulkError("a worker process died (killed, or out of memory?); the shards written so far are kept: run the same command again to resume") from None
+    except KeyboardInterrupt:  # Ctrl-C: stop now, not after the shards in hand (a shard can take minutes)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()  # what it was writing stays a temporary file, removed by the next run
+        raise
     finally:
         for future in running:
             future.cancel()

@@ -48,7 +48,9 @@ class Progress:
                 f"{self._rate(self.tokens):,.0f} tokens/s, {self.rejects} rejects")
         if not final and self.records:
             line += f", about {(self.total - done) / self._rate(self.records):,.0f} s left"
-        print(line + (" (done)" if final else ""), file=self.stream, flush=True)
+        if final:
+            line += " (done)" if done >= self.total else " (stopped)"
+        print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -253,7 +253,12 @@ def test_progress_writes_log_lines_when_not_a_terminal():
     progress.close()
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("bulk: 6/10 documents (60%)") and "tokens/s, 1 rejects" in lines[0] and "s left" in lines[0]
-    assert lines[-1].startswith("bulk: 6/10 documents") and lines[-1].endswith("(done)")
+    assert lines[-1].startswith("bulk: 6/10 documents") and lines[-1].endswith("(stopped)")
+    stream = io.StringIO()
+    progress = Progress(3, 1, stream=stream, interval_s=3600)
+    progress.add(2, 10)
+    progress.close()
+    assert stream.getvalue().splitlines() == [stream.getvalue().splitlines()[0]] and stream.getvalue().rstrip().endswith("(done)")
 
 
 def test_cli_bulk_writes_jsonl_and_prints_the_summary(tmp_path, small_model_dir, capsys):
