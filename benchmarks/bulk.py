@@ -7,7 +7,8 @@
 
 The texts are the CoNLL-2003 dev articles (tokens joined by spaces, one article a document, the set
 ``--repeat`` times with new ids), written as one JSONL file. Each run is its own process (``python -m
-ml bulk ... --quiet``, OMP_NUM_THREADS=1), timed from start to exit; ``startup`` is the same command
+ml bulk ... --quiet``, default shard size, OMP_NUM_THREADS=1; one process means ``--workers 1``, which
+tags in the process itself on one torch thread), timed from start to exit; ``startup`` is the same command
 on a one-document input, and the rates are taken over the time beyond it (so loading the model and
 starting Ray count once, not per document). While a run goes, the memory of its processes is sampled
 from /proc every 0.2 s: peak RSS and PSS (proportional set size: a page shared by k processes counts
@@ -134,7 +135,7 @@ def measured(command: list[str], worker_marker: str) -> tuple[float, Sampler, st
 
 def bulk_command(inp: Path, out: Path, model: str, engine: str, workers: int) -> list[str]:
     return [sys.executable, "-m", "ml", "bulk", str(inp), "--out", str(out), "--model", model, "--engine", engine,
-            "--workers", str(workers), "--quiet", "--shard-size", "50"]
+            "--workers", str(workers), "--quiet"]  # the default shard size, as a user gets it
 
 
 def spacy_worker(inp: Path, processes: int) -> None:
