@@ -7,11 +7,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from ml.rules import OPS, TOKEN_KEYS, RuleError, read_csv, read_jsonl, write_csv, write_jsonl
 from service.api.deps import RuntimeDep, SessionDep, require_admin_key
 from service.errors import ApiError
+from service.schemas import WholeNumber
 from service.serving import rules as service_rules
 from service.serving.rules import RuleChange
 from service.store.tables import RuleSetVersion
@@ -53,7 +54,7 @@ class ReplaceRules(Who):
 
 
 class RemoveRules(Who):
-    ids: list[StrictInt] = Field(min_length=1, max_length=10_000)
+    ids: list[WholeNumber] = Field(min_length=1, max_length=10_000)
 
 
 class SetMode(Who):
@@ -64,7 +65,7 @@ class DryRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     add: list[RuleIn] = Field(default_factory=list)
-    remove: list[StrictInt] = Field(default_factory=list, max_length=10_000)
+    remove: list[WholeNumber] = Field(default_factory=list, max_length=10_000)
     replace: StrictBool = Field(False, description="true: the rules of `add` replace the whole set")
     mode: Mode | None = None
     sample: int = Field(50, ge=1, le=500, description="stored texts to tag (the most recent)")
