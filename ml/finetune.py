@@ -55,7 +55,6 @@ from ml.vocab import UNK_ID, Vocab, Vocabularies, word_key
 from ml.windows import group_texts
 
 FREEZABLE = ("word_embedding", "char_encoder", "case_embedding", "encoder", "projection", "head")
-TARGET_STEPS = 300  # optimiser steps a fine-tune aims at, whatever the data's size (schedule)
 MIN_SPLIT_DOCUMENTS = 20  # below this many corrected documents there is no time split
 MIN_STOP_DOCUMENTS = 50  # below this many training documents there is no early stopping (its part would be a few documents: noise)
 
@@ -67,7 +66,8 @@ class Cancelled(RuntimeError):
 @dataclass
 class FinetuneConfig:
     # defaults chosen on the WikiGold benchmark's posted articles and CoNLL-2003 dev (docs/learning-loop.md)
-    epochs: int = 0  # 0: by the data's size (about TARGET_STEPS steps, within min_epochs..max_epochs)
+    epochs: int = 0  # 0: by the data's size (about target_steps optimiser steps, within min_epochs..max_epochs)
+    target_steps: int = 300
     min_epochs: int = 3
     max_epochs: int = 30
     batch_size: int = 16  # sentences
@@ -92,7 +92,7 @@ class FinetuneConfig:
     pretrained_max_words: int = 400000  # pretrained vectors searched for new words
 
     def validate(self) -> FinetuneConfig:
-        for name in ("min_epochs", "max_epochs", "batch_size", "lr", "correction_weight"):
+        for name in ("target_steps", "min_epochs", "max_epochs", "batch_size", "lr", "correction_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.pull_to_base < 1.0:
@@ -354,10 +354,10 @@ class Schedule:
 
 
 def schedule(cfg: FinetuneConfig, train_sentences: int, fisher_sentences: int) -> Schedule:
-    """Epochs for about TARGET_STEPS optimiser steps (10 texts get many passes, 5,000 few), and the
+    """Epochs for about ``target_steps`` optimiser steps (10 texts get many passes, 5,000 few), and the
     EWC strength N_base / N_corrections (a small set of corrections moves the weights little)."""
     steps = max(1, math.ceil(train_sentences * cfg.correction_weight / cfg.batch_size))
-    epochs = cfg.epochs or min(cfg.max_epochs, max(cfg.min_epochs, math.ceil(TARGET_STEPS / steps)))
+    epochs = cfg.epochs or min(cfg.max_epochs, max(cfg.min_epochs, math.ceil(cfg.target_steps / steps)))
     ewc = cfg.ewc * fisher_sentences / max(train_sentences, 1) if fisher_sentences else 0.0
     return Schedule(epochs, cfg.lr, ewc, steps)
 

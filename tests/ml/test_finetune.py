@@ -206,12 +206,12 @@ def test_splits_are_disjoint_the_time_split_is_the_newest_and_stopping_never_tak
 
 
 def test_schedule_fits_ten_and_five_thousand_texts():
-    from ml.finetune import TARGET_STEPS, schedule
+    from ml.finetune import schedule
 
     cfg = FinetuneConfig()
     few, many = schedule(cfg, 60, 17000), schedule(cfg, 7000, 17000)
     assert few.epochs > many.epochs and few.epochs <= cfg.max_epochs and many.epochs >= cfg.min_epochs
-    assert few.epochs * few.steps_per_epoch >= min(TARGET_STEPS, cfg.max_epochs * few.steps_per_epoch)
+    assert few.epochs * few.steps_per_epoch >= min(cfg.target_steps, cfg.max_epochs * few.steps_per_epoch)
     assert few.ewc_lambda > many.ewc_lambda > 0, "a few corrections move the weights less than many"
     assert schedule(cfg, 60, 0).ewc_lambda == 0.0, "no Fisher, no consolidation"
     assert schedule(FinetuneConfig(epochs=4), 60, 17000).epochs == 4
