@@ -134,6 +134,10 @@ def test_retrain_job_survives_a_killed_worker_and_the_gate_promotes(tmp_path, sm
         assert ("Falcon 7", "PRODUCT") in entities and ("Pierre Dubois", "PER") in entities
         versions = {m["version"]: m for m in c.get("/admin/models", headers=ADMIN).json()}
         assert versions["1.1.0"]["active"] and versions["1.1.0"]["promotion"]["promote"] is True
+        # GET /admin/models shows every held-out measure of a version and what the gate checked
+        shown = versions["1.1.0"]["metrics"]
+        assert shown["time"]["documents"] == 3 and "mentions" in shown["heldout"]["unseen"] and "probe" in shown
+        assert versions["1.1.0"]["promotion"]["checks"]["heldout_gain"] == decision["checks"]["heldout_gain"]
         assert versions["1.0.0"]["promotion"] is None  # registered by hand (NER_MODEL), not by a job
 
         # a job that cannot beat the active model: a learning rate too small to change anything
