@@ -71,7 +71,10 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as e:  # what ray.init raises for an address it cannot join
+        raise BulkError(f"cannot {'join the Ray cluster at ' + address if address else 'start a local Ray'}: {e}") from None
     return True
 
 
