@@ -53,7 +53,7 @@ def test_gain_curve_has_one_point_per_succeeded_job_up_to_this_one(sqlite_url):
     engine = make_engine(sqlite_url)
     try:
         with make_sessionmaker(engine)() as session:
-            jobs = []
+            jobs: list = []
             for corrections, before, after, status in ((10, 0.60, 0.62, jobs_repo.SUCCEEDED), (25, 0.60, 0.66, jobs_repo.FAILED),
                                                        (50, 0.60, 0.70, jobs_repo.SUCCEEDED), (100, 0.60, 0.75, jobs_repo.SUCCEEDED)):
                 job = jobs_repo.create_job(session, trigger="api", params={}, base_model_id=None)
