@@ -366,8 +366,8 @@ def test_fisher_round_trips_through_the_folder_as_numbers_and_ewc_holds_the_weig
 
     assert deviation("held", 1e4) < 0.2 * deviation("free", 0.0)
     # a version fine-tuned from the base carries its Fisher, and a fine-tune from that version uses it (the lineage says whose it is)
-    again = finetune(FinetuneInputs(tmp_path / "held", product_corrections()[:8], "1.2.0", None, pretrained=None), FinetuneConfig(epochs=1, holdout_every=0, threads=1))
-    assert again.metrics["schedule"]["ewc_lambda"] > 0 and again.meta.lineage["fisher_measured_on"] == fisher.measured_on
+    chained = finetune(FinetuneInputs(tmp_path / "held", product_corrections()[:8], "1.2.0", None, pretrained=None), FinetuneConfig(epochs=1, holdout_every=0, threads=1))
+    assert chained.metrics["schedule"]["ewc_lambda"] > 0 and chained.meta.lineage["fisher_measured_on"] == fisher.measured_on
 
 
 def test_a_fisher_measured_on_other_weights_is_not_used(small_model_dir, corpus, tmp_path):
