@@ -556,9 +556,20 @@ def mention_key(tokens: Sequence[str], span: Span) -> tuple[str, ...]:
     return tuple(t.lower() for t in tokens[span.start : span.end])
 
 
+def seen_texts(sentences: Sequence[Sentence], longest: int) -> set[tuple[str, ...]]:
+    """Every token sequence of up to ``longest`` tokens in ``sentences`` (lowercased): a held-out
+    mention whose text is among them occurs somewhere in the training corrections."""
+    out: set[tuple[str, ...]] = set()
+    for s in sentences:
+        lowered = [t.lower() for t in s.tokens]
+        for n in range(1, longest + 1):
+            out.update(tuple(lowered[i : i + n]) for i in range(len(lowered) - n + 1))
+    return out
+
+
 def _part_scores(sentences: Sequence[Sentence], before: list[list[Span]], after: list[list[Span]], seen: set[tuple[str, ...]]) -> dict[str, Any]:
     """F1 before/after on a held-out part, and on its unseen mentions only: gold and predicted
-    mentions whose text is not among the training corrections' mentions."""
+    mentions whose text occurs nowhere in the training corrections (``seen_texts``)."""
 
     def unseen(spans: list[list[Span]]) -> list[list[Span]]:
         return [[sp for sp in row if mention_key(s.tokens, sp) not in seen] for s, row in zip(sentences, spans, strict=True)]
@@ -598,7 +609,8 @@ def forgetting_probe(base: Predictor, candidate: Predictor, texts: Sequence[Sequ
 
 def measure(prep: Prepared, candidate: Predictor, reference: Predictor, cfg: FinetuneConfig) -> dict[str, Any]:
     """The candidate beside the reference on every held-out measure (None where a part is empty)."""
-    seen = {mention_key(s.tokens, sp) for s in prep.train + prep.stop for sp in s.spans}
+    longest = max((sp.end - sp.start for s in prep.heldout + prep.time for sp in s.spans), default=0)
+    seen = seen_texts(prep.train + prep.stop, longest)
     out: dict[str, Any] = {}
     for part, sentences in (("heldout", prep.heldout), ("time", prep.time)):
         out[part] = _part_scores(sentences, _predicted_spans(reference, sentences), _predicted_spans(candidate, sentences), seen) if sentences else None

@@ -233,7 +233,11 @@ def test_settings_are_built_by_the_config_builder():
 
 
 def test_unseen_mentions_count_only_names_the_training_corrections_never_had():
-    from ml.finetune import _part_scores
+    from ml.finetune import _part_scores, seen_texts
+
+    training = [Sentence(["We", "met", "Olga", "and", "Zed", "."], [Span(2, 3, "PER")])]
+    seen = seen_texts(training, 2)
+    assert ("olga",) in seen and ("zed",) in seen and ("met", "olga") in seen and ("zed", "quux") not in seen
 
     sentences = [Sentence(["Olga", "met", "Zed", "Quux", "."], [Span(0, 1, "PER"), Span(2, 4, "PER")], doc_id=0)]
     memorised = [[Span(0, 1, "PER")]]  # finds the name it was trained on, misses the new one
