@@ -444,3 +444,23 @@ def test_full_retrain_trains_the_base_recipe_on_the_corpus_and_the_corrections(s
     assert any(m.startswith("full retrain with small 1.0.0's recipe (3 epochs)") for m in messages)
     assert json.loads((tmp_path / "v2" / "metrics.json").read_text())["heldout"] == result.metrics["heldout"]
     assert load_model(tmp_path / "v2").meta.lineage["corrections"] == 30
+
+
+def test_ner_fisher_writes_the_file_into_the_model_folder(small_model_dir, corpus, tmp_path, capsys):
+    import shutil
+
+    from ml.anchoring import load_fisher, weights_digest
+    from ml.cli import main
+    from ml.data.conll import write_conll
+
+    folder = tmp_path / "base"
+    shutil.copytree(small_model_dir, folder)
+    data = tmp_path / "train.txt"
+    with data.open("w") as f:
+        write_conll(corpus, f)
+    assert main(["fisher", "--model", str(folder), "--data", str(data), "--max-sentences", "20"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"fisher": str(folder / "fisher.safetensors"), "corpus_sentences": len(corpus), "measured_on": 20}
+    fisher = load_fisher(folder)
+    assert fisher is not None and fisher.measured_on == weights_digest(folder)
+    assert main(["fisher", "--model", str(folder), "--data", str(tmp_path / "missing.txt")]) == 2
