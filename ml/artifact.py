@@ -186,14 +186,14 @@ def check_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
             raise ModelLoadError(f"{path}: tensor {key} has shape {list(found[key])} but config.json and vocab.json imply {list(shape)}")
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: str | None = None) -> LoadedModel:
+def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: str | None = None, mapped_cache: Path | None = None) -> LoadedModel:
     """Load a model folder for inference (eval mode). ``backend`` overrides the recurrence backend.
+    With ``mapped_cache`` (a folder) on a CPU, the large tensors (the word table) are mapped from
+    float32 cache files there, shared with every process that maps them (ml.mapped).
 
     Everything is checked before the model is built: each file is a regular file within its size
     cap, config.json within the dimension bounds, vocab.json within the vocabulary bounds, and every
     tensor name and shape in weights.safetensors' header equal to what they imply."""
-    from safetensors.torch import load_file
-
     device = resolve_device(device)  # DeviceError before anything is read
     folder = Path(folder)
     if not folder.is_dir():
@@ -227,13 +227,28 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", backend: 
         config.model.backend = backend
         config.model.validate()
     model = build_model(config, vocab, with_lm=False, init_words=False)  # every tensor is loaded below
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelLoadError(f"{weights} does not fit its config.json: {e}") from None
+    _load_weights(model, weights, mapped_cache if device.type == "cpu" else None)
     metrics = _read_json(folder, "metrics.json") if (folder / "metrics.json").exists() else {}
     return LoadedModel(model.to(device).eval(), config, vocab, meta, metrics, folder)
+
+
+def _load_weights(model: Tagger, weights: Path, mapped_cache: Path | None) -> None:
+    """The file's tensors into ``model`` as float32: copied, or (``mapped_cache``) the large ones
+    put in place as mapped tensors (copying would make them private again)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    if mapped_cache is None:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        from ml.mapped import file_sha256, map_large_tensors
+
+        state = map_large_tensors(state, file_sha256(weights), mapped_cache)
+    # the mapped tensors are storage the model must use as is (assign); the others are fresh copies
+    try:
+        model.load_state_dict(state, assign=mapped_cache is not None)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{weights} does not fit its config.json: {e}") from None
 
 
 def default_model_path() -> Path:

@@ -64,13 +64,15 @@ class Predictor:
         self.scheme = loaded.config.model.tag_scheme if loaded is not None else _scheme_of(vocab)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: str | None = None, fast: Optional[bool] = None) -> Predictor:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", script: bool = True, backend: str | None = None, fast: Optional[bool] = None,
+             mapped_cache: Optional[Path] = None) -> Predictor:
         """Load a model folder for inference. With ``fast`` (the default on a CPU) the forward passes
         run through ``ml.fast.FastTagger``: the same weights, torch.nn's fused recurrence, cached
         token features and a numpy CRF (docs/model.md, The CPU inference path). Otherwise, with ``script`` (and the
         scripted recurrence) the whole Tagger is compiled with TorchScript, so the CRF's loops run
-        without the Python interpreter too. ``backend`` overrides the folder's recurrence backend."""
-        loaded = load_model(path, device, backend)
+        without the Python interpreter too. ``backend`` overrides the folder's recurrence backend.
+        ``mapped_cache``: the word table mapped from a cache file there, shared between processes (ml.mapped)."""
+        loaded = load_model(path, device, backend, mapped_cache)
         model: Union[Tagger, torch.jit.ScriptModule] = loaded.model
         mc = loaded.config.model
         if fast is None:

@@ -1,0 +1,116 @@
+"""The word table mapped from a float32 cache file (ml.mapped): the same tags and scores as a private
+copy, the file written once and found by the next load, a corrupt or partial file rewritten, and an
+unusable cache folder falling back to a private copy with one warning."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml import mapped
+from ml.artifact import default_model_path
+from ml.predictor import Predictor
+
+SENTENCES = [["Tom", "visited", "Oslo", "."], ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."],
+             ["Peter", "Blackburn"], ["The", "zzyzx", "qwertyuiop", "of", "Nairobi", "grew", "12.5", "%"]]
+TABLE = "word_embedding.weight.f32"
+
+
+def _results(predictor: Predictor) -> list[tuple[list[str], list[float]]]:
+    # one by one (the numpy single-sentence path) and batched (the packed torch path)
+    single = [predictor.predict([s])[0] for s in SENTENCES]
+    batched = predictor.predict(SENTENCES)
+    return [(r.tags, r.scores) for r in single + batched]
+
+
+def _mapped_from(array: np.ndarray) -> str | None:
+    """The file whose mapping holds ``array``'s first number, if any (from /proc/self/maps)."""
+    address = array.ctypes.data
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def _table_file(cache: Path) -> Path:
+    (found,) = cache.glob(f"*/{TABLE}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def private_results() -> list[tuple[list[str], list[float]]]:
+    return _results(Predictor.load(default_model_path()))
+
+
+def test_mapped_table_gives_the_same_tags_and_scores_as_a_private_copy(tmp_path, private_results):
+    predictor = Predictor.load(default_model_path(), mapped_cache=tmp_path)
+    table = _table_file(tmp_path)
+    assert table.parent.name == mapped.file_sha256(default_model_path() / "weights.safetensors")
+    assert predictor.fast is not None
+    assert _mapped_from(predictor.fast.features.words) == str(table), "the fast path's word table is not the mapped file"
+    assert _mapped_from(predictor.model.word_embedding.weight.detach().numpy()) == str(table), "the model's word table is not the mapped file"
+    assert _results(predictor) == private_results  # exactly: float16 -> float32 is exact either way
+
+
+def test_the_second_load_maps_the_file_the_first_wrote(tmp_path, private_results):
+    Predictor.load(default_model_path(), mapped_cache=tmp_path)
+    table = _table_file(tmp_path)
+    before = table.stat()
+    second = Predictor.load(default_model_path(), mapped_cache=tmp_path)
+    after = table.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "the cache file was rewritten"
+    assert _results(second) == private_results
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated", "wrong header"])
+def test_a_corrupt_or_partial_cache_file_is_rewritten(tmp_path, private_results, damage, caplog):
+    Predictor.load(default_model_path(), mapped_cache=tmp_path)
+    table = _table_file(tmp_path)
+    size = table.stat().st_size
+    with open(table, "r+b") as f:
+        if damage == "flipped bytes":
+            f.seek(size - 1000)
+            f.write(b"\x7f" * 8)
+        elif damage == "truncated":
+            f.truncate(size // 2)
+        else:
+            f.write(b'{"magic": "something else"')
+    with caplog.at_level(logging.WARNING, logger="ml.mapped"):
+        predictor = Predictor.load(default_model_path(), mapped_cache=tmp_path)
+    assert any("corrupt or partial" in r.getMessage() for r in caplog.records)
+    assert table.stat().st_size == size
+    assert _results(predictor) == private_results
+    assert not [p for p in table.parent.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("problem", ["a file", "writable by others"])
+def test_an_unusable_cache_folder_gives_a_private_copy_and_one_warning(tmp_path, private_results, problem, caplog):
+    cache = tmp_path / "cache"
+    if problem == "a file":
+        cache.write_text("not a folder")
+    else:
+        cache.mkdir()
+        os.chmod(cache, 0o777)  # another user could change the numbers under a mapping
+    with caplog.at_level(logging.WARNING, logger="ml.mapped"):
+        predictor = Predictor.load(default_model_path(), mapped_cache=cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "not shared between processes" in warnings[0] and str(cache) in warnings[0], warnings
+    assert predictor.fast is not None and _mapped_from(predictor.fast.features.words) is None
+    assert _results(predictor) == private_results
+
+
+def test_small_tensors_stay_private_and_the_default_cache_folder_follows_the_setting(tmp_path, small_model_dir, monkeypatch):
+    predictor = Predictor.load(small_model_dir, mapped_cache=tmp_path)  # its word table is far under MIN_BYTES
+    assert not list(tmp_path.glob(f"*/{TABLE}"))
+    assert predictor.predict([["Tom", "visited", "Oslo"]])[0].tags
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert mapped.default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("MODEL_CACHE_DIR", "off")
+    assert mapped.default_cache_dir() is None
+    monkeypatch.delenv("MODEL_CACHE_DIR")
+    assert mapped.default_cache_dir() is not None and mapped.default_cache_dir().name == f"ner-model-cache-{os.getuid()}"
