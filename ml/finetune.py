@@ -68,6 +68,7 @@ class FinetuneConfig:
     # defaults chosen on the held-out parts of 100 posted WikiGold articles and CoNLL-2003 dev (docs/learning-loop.md)
     epochs: int = 0  # 0: by the data's size (about target_steps optimiser steps, within min_epochs..max_epochs)
     target_steps: int = 700
+    unwatched_steps: int = 300  # the budget when there is no stopping part (too few documents): overfitting is not watched
     min_epochs: int = 3
     max_epochs: int = 30
     batch_size: int = 16  # sentences
@@ -92,7 +93,7 @@ class FinetuneConfig:
     pretrained_max_words: int = 400000  # pretrained vectors searched for new words
 
     def validate(self) -> FinetuneConfig:
-        for name in ("target_steps", "min_epochs", "max_epochs", "batch_size", "lr", "correction_weight"):
+        for name in ("target_steps", "unwatched_steps", "min_epochs", "max_epochs", "batch_size", "lr", "correction_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.pull_to_base < 1.0:
@@ -353,11 +354,13 @@ class Schedule:
     steps_per_epoch: int
 
 
-def schedule(cfg: FinetuneConfig, train_sentences: int, fisher_sentences: int) -> Schedule:
-    """Epochs for about ``target_steps`` optimiser steps (10 texts get many passes, 5,000 few), and the
+def schedule(cfg: FinetuneConfig, train_sentences: int, fisher_sentences: int, stopping: bool = True) -> Schedule:
+    """Epochs for about ``target_steps`` optimiser steps (10 texts get many passes, 5,000 few), or
+    ``unwatched_steps`` when no stopping part watches for overfitting (few documents), and the
     EWC strength N_base / N_corrections (a small set of corrections moves the weights little)."""
     steps = max(1, math.ceil(train_sentences * cfg.correction_weight / cfg.batch_size))
-    epochs = cfg.epochs or min(cfg.max_epochs, max(cfg.min_epochs, math.ceil(cfg.target_steps / steps)))
+    budget = cfg.target_steps if stopping else min(cfg.target_steps, cfg.unwatched_steps)
+    epochs = cfg.epochs or min(cfg.max_epochs, max(cfg.min_epochs, math.ceil(budget / steps)))
     ewc = cfg.ewc * fisher_sentences / max(train_sentences, 1) if fisher_sentences else 0.0
     return Schedule(epochs, cfg.lr, ewc, steps)
 
@@ -523,7 +526,7 @@ def fit(prep: Prepared, inputs: FinetuneInputs, cfg: FinetuneConfig, progress: C
         rows = [r for r in rows if r >= len(loaded.vocab.words)]
     anchoring.attach_rows(model, rows, cfg.word_dropout)
     anchors = anchoring.anchors(model, base_state, prep.fisher)
-    plan = schedule(cfg, len(prep.train), prep.fisher.sentences if prep.fisher is not None else 0)
+    plan = schedule(cfg, len(prep.train), prep.fisher.sentences if prep.fisher is not None else 0, stopping=bool(prep.stop))
     progress(0.0, f"schedule: up to {plan.epochs} epochs of {plan.steps_per_epoch} steps, lr {plan.lr:g}, EWC lambda {plan.ewc_lambda:.3g}"
              f"{'' if prep.stop else ' (no early stopping: too few documents)'}")
     torch.manual_seed(cfg.seed)

@@ -3,6 +3,7 @@ the scheme's constraints, the held-out split is stable, the gate decides as docu
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -215,6 +216,8 @@ def test_schedule_fits_ten_and_five_thousand_texts():
     assert few.ewc_lambda > many.ewc_lambda > 0, "a few corrections move the weights less than many"
     assert schedule(cfg, 60, 0).ewc_lambda == 0.0, "no Fisher, no consolidation"
     assert schedule(FinetuneConfig(epochs=4), 60, 17000).epochs == 4
+    # without a stopping part nothing watches for overfitting: the smaller budget
+    assert schedule(cfg, 400, 17000, stopping=False).epochs == math.ceil(cfg.unwatched_steps / 25) < schedule(cfg, 400, 17000).epochs
 
 
 def test_settings_are_built_by_the_config_builder():
