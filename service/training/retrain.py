@@ -134,7 +134,7 @@ class JobSettings:
 
     @classmethod
     def from_settings(cls, settings) -> JobSettings:
-        from ml.finetune import GatePolicy
+        from ml.gate import GatePolicy
 
         gate = GatePolicy(
             min_gain=settings.promote_min_gain, max_label_drop=settings.promote_max_label_drop, min_label_support=settings.promote_min_label_support,
@@ -195,7 +195,8 @@ def run_job(
     """Fine-tune, register, gate. Raises JobError (or any error of the training) on failure."""
     import torch
 
-    from ml.finetune import FinetuneInputs, finetune, promotion_decision, retrain
+    from ml.finetune import FinetuneInputs, finetune, retrain
+    from ml.gate import promotion_decision
 
     method = job.params.get("method", "finetune")
     config = finetune_config({**settings.finetune, **(job.params.get("finetune") or {})})
