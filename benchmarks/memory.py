@@ -49,6 +49,11 @@ def children(pid: int) -> list[int]:
     return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
 
+def role(pid: int) -> str:
+    """"worker", or "helper" for multiprocessing's resource tracker (started beside spawned workers)."""
+    return "helper" if b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes() else "worker"
+
+
 def measure(workers: int, tmp: Path, requests: int, mapped: bool, model: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(DATABASE_URL=f"sqlite:///{tmp / f'memory-{workers}-{mapped}.db'}", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
@@ -70,7 +75,7 @@ def measure(workers: int, tmp: Path, requests: int, mapped: bool, model: str | N
             response.raise_for_status()
         time.sleep(1.0)
         pids = children(server.pid) if workers > 1 else []
-        processes = {"supervisor" if pids else "worker": rollup(server.pid)} | {f"worker {n}": rollup(pid) for n, pid in enumerate(pids, 1)}
+        processes = {"supervisor" if pids else "worker": rollup(server.pid)} | {f"{role(pid)} {n}": rollup(pid) for n, pid in enumerate(pids, 1)}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(60)
@@ -90,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             for workers in sorted(args.workers):
                 rows.append(measure(workers, Path(tmp), args.requests, mapped, args.model))
                 print(f"measured --workers {workers} ({'mapped' if mapped else 'private'} word table)", file=sys.stderr, flush=True)
-    print("\n| word table | workers | total PSS MB | added per worker beyond the previous row MB | each worker PSS / RSS / Private_Dirty MB | supervisor PSS MB |")
+    print("\n| word table | workers | total PSS MB | added per worker beyond the previous row MB | each worker PSS / RSS / Private_Dirty MB | supervisor (+ helper) PSS MB |")
     print("|---|---|---|---|---|---|")
     previous: dict | None = None
     for row in rows:
         procs = row["processes"]
         each = ", ".join(f"{p['Pss']} / {p['Rss']} / {p['Private_Dirty']}" for name, p in procs.items() if name.startswith("worker"))
-        supervisor = procs["supervisor"]["Pss"] if "supervisor" in procs else "-"
+        supervisor = " + ".join(str(p["Pss"]) for name, p in procs.items() if not name.startswith("worker")) if row["workers"] > 1 else "-"
         added = "-"
         if previous is not None and previous["mapped"] == row["mapped"]:
             added = str(round((row["total_pss"] - previous["total_pss"]) / (row["workers"] - previous["workers"])))

@@ -36,6 +36,7 @@ from torch import Tensor
 
 log = logging.getLogger("ml.mapped")
 
+KEEP_MODELS = 4  # weights whose cache files are kept (the most recently loaded)
 MIN_BYTES = 1 << 20  # smaller tensors stay private copies: a page table entry each is not worth it
 HEADER_BYTES = 4096
 MAGIC = "ner-mapped-tensor"
@@ -84,6 +85,11 @@ def map_large_tensors(state: dict[str, Tensor], source_hash: str, cache_dir: Pat
     except OSError as e:
         log.warning("model weights not shared between processes (each process holds its own copy): cache %s unusable: %s", cache_dir, e)
         out.update({k: v.float() for k, v in large.items()})
+        return out
+    try:
+        _evict(cache_dir, keep=KEEP_MODELS)
+    except OSError as e:
+        log.warning("could not remove old model cache files in %s: %s", cache_dir, e)
     return out
 
 
@@ -104,12 +110,43 @@ def _private_folder(cache_dir: Path, source_hash: str) -> Path:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
+    """The folder's lock, held; its time is the folder's last use (for ``_evict``)."""
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.utime(fd)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _evict(cache_dir: Path, keep: int) -> None:
+    """Remove the folders of all but the ``keep`` most recently used weights (each fine-tuned version
+    adds one). A folder in use now (its lock held) stays; a process that maps a removed file keeps
+    its mapping, and the next process to load those weights writes the file again."""
+    folders = []
+    for folder in cache_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if len(folder.name) == 64 and folder.is_dir() and not folder.is_symlink():
+                folders.append((os.stat(folder / ".lock").st_mtime_ns, folder))
+    for _, folder in sorted(folders, reverse=True)[keep:]:
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR)
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            for path in folder.iterdir():
+                if path.name != ".lock":
+                    path.unlink()
+            (folder / ".lock").unlink()
+            folder.rmdir()
+        finally:
+            os.close(fd)
 
 
 def _header(name: str, shape: tuple[int, ...], source_hash: str) -> bytes:

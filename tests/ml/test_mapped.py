@@ -113,4 +113,29 @@ def test_small_tensors_stay_private_and_the_default_cache_folder_follows_the_set
     monkeypatch.setenv("MODEL_CACHE_DIR", "off")
     assert mapped.default_cache_dir() is None
     monkeypatch.delenv("MODEL_CACHE_DIR")
-    assert mapped.default_cache_dir() is not None and mapped.default_cache_dir().name == f"ner-model-cache-{os.getuid()}"
+    default = mapped.default_cache_dir()
+    assert default is not None and default.name == f"ner-model-cache-{os.getuid()}"
+
+
+def test_old_weights_are_evicted_but_not_while_in_use(tmp_path):
+    import fcntl
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    old = [cache / (c * 64) for c in "abcde"]  # five other weights, a the least recently used
+    for age, folder in enumerate(old):
+        folder.mkdir(mode=0o700)
+        (folder / TABLE).write_bytes(b"x")
+        (folder / ".lock").touch()
+        os.utime(folder / ".lock", (1_000_000 + age, 1_000_000 + age))
+    in_use = os.open(old[1] / ".lock", os.O_RDWR)  # another process loading b's weights right now
+    fcntl.flock(in_use, fcntl.LOCK_EX)
+    try:
+        Predictor.load(default_model_path(), mapped_cache=cache)
+    finally:
+        os.close(in_use)
+    current = mapped.file_sha256(default_model_path() / "weights.safetensors")
+    left = sorted(p.name for p in cache.iterdir())
+    # kept: the loaded weights and the three most recently used others (c, d, e); b is in use; a goes
+    assert left == sorted([current, *(f.name for f in old[1:])]), left
+    assert mapped.KEEP_MODELS == 4
