@@ -93,22 +93,16 @@ class FinetuneConfig:
     pretrained_max_words: int = 400000  # pretrained vectors searched for new words
 
     def validate(self) -> FinetuneConfig:
-        for name in ("target_steps", "unwatched_steps", "min_epochs", "max_epochs", "batch_size", "lr", "correction_weight"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.pull_to_base < 1.0:
-            raise ConfigError(f"finetune.pull_to_base must lie in [0, 1), got {self.pull_to_base}")
-        for name in ("epochs", "clip_norm", "ewc", "distill", "l2_to_base", "rehearsal_ratio", "base_ratio", "holdout_every", "stop_every", "patience", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"finetune.{name} must be non-negative, got {getattr(self, name)}")
+        ranges = [(n, "positive", lambda v: v > 0) for n in ("target_steps", "unwatched_steps", "min_epochs", "max_epochs", "batch_size", "lr", "correction_weight")]
+        ranges += [(n, "non-negative", lambda v: v >= 0) for n in (
+            "epochs", "clip_norm", "ewc", "distill", "l2_to_base", "rehearsal_ratio", "base_ratio", "holdout_every", "stop_every", "patience", "threads")]
+        ranges += [(n, "in [0, 1)", lambda v: 0.0 <= v < 1.0) for n in ("pull_to_base", "time_holdout", "probe_confidence", "word_dropout")]
+        ranges += [(n, "0 (none) or at least 2 (1 would take every document)", lambda v: v != 1) for n in ("holdout_every", "stop_every")]
+        for name, wanted, ok in ranges:
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"finetune.{name} must be {wanted}, got {getattr(self, name)}")
         if self.min_epochs > self.max_epochs:
             raise ConfigError(f"finetune.min_epochs={self.min_epochs} is more than finetune.max_epochs={self.max_epochs}")
-        for name in ("time_holdout", "probe_confidence", "word_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"finetune.{name} must lie in [0, 1), got {getattr(self, name)}")
-        for name in ("holdout_every", "stop_every"):
-            if getattr(self, name) == 1:
-                raise ConfigError(f"finetune.{name} = 1 would take every document; use 0 (none) or 2 and more")
         if not all(isinstance(p, str) for p in self.freeze):
             raise ConfigError(f"finetune.freeze must be a list of part names, got {self.freeze!r}")
         unknown = sorted(set(self.freeze) - set(FREEZABLE))
@@ -434,7 +428,9 @@ def _vectors(inputs: FinetuneInputs, loaded: LoadedModel, cfg: FinetuneConfig, p
 
 class DistillTerm:
     """KL(base marginals || model marginals) on batches of stored sentences, one batch per step,
-    cycling: the model keeps the base's view of the users' own texts."""
+    cycling: the model keeps the base's view of the users' own texts. The batches are read with the
+    base's vocabularies (old ids do not move in the grown model; a word new to it reads as <unk>, as
+    the base read it) and the base's tags come first in the grown tag set."""
 
     def __init__(self, base: Tagger, vocab: Vocabularies, sentences: Sequence[Sentence], max_word_length: int, batch_size: int, weight: float):
         self.weight = weight
