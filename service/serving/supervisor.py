@@ -37,7 +37,9 @@ log = logging.getLogger("service.serving.supervisor")
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start (lifespan failure, bad config)
 # imported by the supervisor before it forks the workers. Not service.metrics (prometheus_client
 # would open its multiprocess files under the supervisor's pid) nor anything that starts a thread.
-PRELOAD = ("torch", "numpy", "uvicorn", "fastapi", "sqlalchemy", "spacy", "spacy.lang.en", "ml.pipeline", "ml.mapped")
+PRELOAD = ("torch", "numpy", "uvicorn", "fastapi", "sqlalchemy.orm", "pydantic_settings", "prometheus_client", "spacy", "spacy.lang.en",
+           "ml.pipeline", "ml.mapped", "service.config", "service.schemas", "service.store.tables", "service.store.repositories",
+           "service.store.session")
 
 
 def available() -> bool:

@@ -16,7 +16,25 @@ from tests.support import free_port, wait_ready, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not supervisor.available(), reason="the per-worker supervisor is Linux-only")]
+pytestmark = pytest.mark.skipif(not supervisor.available(), reason="the per-worker supervisor is Linux-only")
+
+
+def test_what_the_supervisor_preloads_starts_no_thread_and_no_metric(tmp_path):
+    """The workers are forked from the supervisor after it imports PRELOAD: a thread would not exist
+    in them (a lock it held would stay held), and a metric created there would write its
+    multiprocess file under the supervisor's pid."""
+    code = (
+        "import importlib, sys, threading\n"
+        "from service.serving.supervisor import PRELOAD\n"
+        "for name in PRELOAD: importlib.import_module(name)\n"
+        "print(threading.active_count(), 'service.metrics' in sys.modules)\n"
+    )
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
+    assert not list(metrics_dir.iterdir())
 
 
 def _mapped_tables(pid: int) -> set[tuple[str, str]]:
@@ -29,6 +47,7 @@ def _mapped_tables(pid: int) -> set[tuple[str, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_workers_map_one_word_table_file(tmp_path):
     cache = tmp_path / "model-cache"
     env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "NER_MODEL")}
