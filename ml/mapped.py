@@ -72,9 +72,10 @@ def map_large_tensors(state: dict[str, Tensor], source_hash: str, cache_dir: Pat
     ``MIN_BYTES``) as float32, a private copy otherwise (and wherever the cache cannot be used: one
     warning line)."""
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    out = {k: v for k, v in state.items() if not v.is_floating_point()}
     large = {k: v for k, v in state.items() if v.is_floating_point() and v.dim() > 0 and v.numel() * 4 >= min_bytes}
-    out.update({k: v.float() for k, v in state.items() if v.is_floating_point() and k not in large})
+    # copies, not views: safetensors' tensors may be views of its own mapping of the whole file,
+    # which one of them kept alive would keep mapped (and the pages read for the check resident)
+    out = {k: _copy(v) for k, v in state.items() if k not in large}
     if not large:
         return out
     try:
@@ -84,13 +85,18 @@ def map_large_tensors(state: dict[str, Tensor], source_hash: str, cache_dir: Pat
                 out[key] = _mapped(folder / f"{key}.f32", key, value, source_hash)
     except OSError as e:
         log.warning("model weights not shared between processes (each process holds its own copy): cache %s unusable: %s", cache_dir, e)
-        out.update({k: v.float() for k, v in large.items()})
+        out.update({k: _copy(v) for k, v in large.items()})
         return out
     try:
         _evict(cache_dir, keep=KEEP_MODELS)
     except OSError as e:
         log.warning("could not remove old model cache files in %s: %s", cache_dir, e)
     return out
+
+
+def _copy(tensor: Tensor) -> Tensor:
+    """A tensor of its own: floats as float32, others as they are."""
+    return tensor.to(torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
 
 
 def _private_folder(cache_dir: Path, source_hash: str) -> Path:
