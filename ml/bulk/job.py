@@ -124,10 +124,13 @@ class ShardWorker:
     @classmethod
     def load(cls, job: BulkJob) -> ShardWorker:
         """Load the model (on the CPU: the fast path, as the service) and the tokenizer, and tag one
-        text, so that a broken model fails here and every lazily built table exists before a fork."""
+        text, so that a broken model fails here and every lazily built table exists before a fork.
+        The word table is mapped from the shared cache file (ml.mapped): Ray's actors on one machine,
+        which each load the model, then share it too."""
+        from ml.mapped import default_cache_dir
         from ml.predictor import Predictor
 
-        predictor = Predictor.load(job.model, "cpu")
+        predictor = Predictor.load(job.model, "cpu", mapped_cache=default_cache_dir())
         assert predictor.loaded is not None
         tagger = TextTagger(predictor)
         tagger.tag(["Smoke test, please ignore."])
