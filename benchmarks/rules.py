@@ -47,7 +47,7 @@ def synthetic_rules(n: int, sentences: list[str], seed: int = 0):
     words = sorted({w for s in sentences for w in s.split() if w[:1].isupper() and w.isalpha()}) or ["Acme"]
     labels = ["ORG", "PER", "LOC", "MISC"]
     seen: set[str] = set()
-    rules = []
+    rules: list[Rule] = []
     while len(rules) < n:
         size = rng.choice((1, 2, 2, 3, 3, 4))
         tokens = [rng.choice(words)] + [rng.choice(words) if rng.random() < 0.5 else f"{rng.choice(SUFFIXES)}{rng.randrange(1000)}" for _ in range(size - 1)]
