@@ -105,7 +105,7 @@ def _private_folder(cache_dir: Path, source_hash: str) -> Path:
     folder = cache_dir / source_hash
     for path in (cache_dir, folder):
         with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700)
+            path.mkdir(mode=0o700, parents=True)
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode):
             raise CacheUnusable(f"{path} is not a folder")

@@ -48,8 +48,9 @@ def private_results() -> list[tuple[list[str], list[float]]]:
 
 
 def test_mapped_table_gives_the_same_tags_and_scores_as_a_private_copy(tmp_path, private_results):
-    predictor = Predictor.load(default_model_path(), mapped_cache=tmp_path)
-    table = _table_file(tmp_path)
+    cache = tmp_path / "not" / "yet" / "there"  # created
+    predictor = Predictor.load(default_model_path(), mapped_cache=cache)
+    table = _table_file(cache)
     assert table.parent.name == mapped.file_sha256(default_model_path() / "weights.safetensors")
     assert predictor.fast is not None
     assert _mapped_from(predictor.fast.features.words) == str(table), "the fast path's word table is not the mapped file"
