@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -35,9 +36,9 @@ from typing import Any
 log = logging.getLogger("service.serving.supervisor")
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start (lifespan failure, bad config)
-# imported by the supervisor before it forks the workers. Not service.metrics (prometheus_client
-# would open its multiprocess files under the supervisor's pid) nor anything that starts a thread.
-PRELOAD = ("torch", "numpy", "uvicorn", "fastapi", "sqlalchemy.orm", "pydantic_settings", "prometheus_client", "spacy", "spacy.lang.en",
+# imported by the supervisor before it forks the workers. Not service.metrics (a worker imports it
+# afresh: see _forget_single_process_metrics) nor anything that starts a thread.
+PRELOAD = ("torch", "numpy", "uvicorn", "fastapi", "sqlalchemy.orm", "pydantic_settings", "spacy", "spacy.lang.en",
            "ml.pipeline", "ml.mapped", "service.config", "service.schemas", "service.store.tables", "service.store.repositories",
            "service.store.session")
 
@@ -100,7 +101,37 @@ def _forked(target: Callable[[dict[str, Any], int], None], config_kwargs: dict[s
     """A forked worker starts with the supervisor's signal handlers: back to Python's defaults first."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _forget_single_process_metrics()
     target(config_kwargs, parent)
+
+
+def _forget_single_process_metrics() -> None:
+    """``ner serve`` checks its settings (service.security imports service.metrics) before it sets
+    PROMETHEUS_MULTIPROC_DIR, so the supervisor's prometheus_client keeps its values in memory, not
+    in the shared files. A worker forgets prometheus_client and every service module that refers to
+    it, directly or through another such module, and imports them afresh, in multiprocess mode."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "prometheus_client.values" not in sys.modules:
+        return
+    values = sys.modules["prometheus_client.values"]
+    if values.ValueClass is not values.MutexValue:  # already multiprocess: its values follow the pid
+        return
+    forgotten = {name for name in sys.modules if name.split(".")[0] == "prometheus_client"}
+    while more := {name for name, module in list(sys.modules.items())
+                   if name.split(".")[0] == "service" and name not in forgotten and _refers_to(module, forgotten)}:
+        forgotten |= more
+    for name in forgotten:
+        del sys.modules[name]
+
+
+def _refers_to(module: Any, names: set[str]) -> bool:
+    """Whether a module's globals hold one of the modules ``names`` or something defined in one."""
+    for value in list(vars(module).values()):
+        if isinstance(value, types.ModuleType):
+            if value.__name__ in names:
+                return True
+        elif getattr(value, "__module__", None) in names:
+            return True
+    return False
 
 
 class Supervisor:
