@@ -13,8 +13,10 @@ Linux only (elsewhere SO_REUSEPORT does not balance, and ``ner serve`` uses uvic
 
 Memory: the supervisor imports the heavy libraries (``PRELOAD``: torch, spaCy, the web stack) once and
 forks the workers, which share those pages instead of each importing its own copy (~230 MB a
-process); the model's word table is shared through a mapped cache file (ml.mapped). Nothing else is
-loaded before the fork: no thread, no metric, no database connection, so the children start clean.
+process); the model's word table is shared through a mapped cache file (ml.mapped). The preload
+starts no Python thread, opens no database connection and creates no metric; each worker loads its
+model, connects and creates its metrics itself (OpenBLAS's own thread, started by numpy's import,
+is stopped and restarted around a fork by OpenBLAS).
 """
 from __future__ import annotations
 
