@@ -15,8 +15,8 @@ Memory: the supervisor imports the heavy libraries (``PRELOAD``: torch, spaCy, t
 forks the workers, which share those pages instead of each importing its own copy (~230 MB a
 process); the model's word table is shared through a mapped cache file (ml.mapped). The preload
 starts no Python thread, opens no database connection and creates no metric; each worker loads its
-model, connects and creates its metrics itself (OpenBLAS's own thread, started by numpy's import,
-is stopped and restarted around a fork by OpenBLAS).
+model, connects and creates its metrics itself (the native thread numpy's OpenBLAS starts on import
+is OpenBLAS's to handle across a fork, as in every forked numpy program: pthread_atfork).
 """
 from __future__ import annotations
 
