@@ -101,7 +101,8 @@ def _copy(tensor: Tensor) -> Tensor:
 
 def _private_folder(cache_dir: Path, source_hash: str) -> Path:
     """``cache_dir/source_hash``, created 0700 if missing; refused if either is not a folder owned
-    by this user and closed to others (another user could change the numbers under our mapping)."""
+    by this user (or root) and closed to others (another user could change the numbers under our
+    mapping)."""
     folder = cache_dir / source_hash
     for path in (cache_dir, folder):
         with contextlib.suppress(FileExistsError):
@@ -109,18 +110,24 @@ def _private_folder(cache_dir: Path, source_hash: str) -> Path:
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode):
             raise CacheUnusable(f"{path} is not a folder")
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:  # root's, e.g. written into an image
             raise CacheUnusable(f"{path} belongs to another user or others may write to it")
     return folder
 
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """The folder's lock, held; its time is the folder's last use (for ``_evict``)."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    """The folder's lock, held; its time is the folder's last use (for ``_evict``). On a read-only
+    filesystem an existing lock file is opened for reading (flock needs no more): a cache written
+    beforehand is still mapped; a missing or bad file cannot be written, and the caller falls back."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        fd = os.open(folder / ".lock", os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.utime(fd)
+        with contextlib.suppress(OSError):
+            os.utime(fd)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -140,3 +140,58 @@ def test_old_weights_are_evicted_but_not_while_in_use(tmp_path):
     # kept: the loaded weights and the three most recently used others (c, d, e); b is in use; a goes
     assert left == sorted([current, *(f.name for f in old[1:])]), left
     assert mapped.KEEP_MODELS == 4
+
+
+_READ_ONLY_LOAD = """
+import json, logging, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from ml.artifact import default_model_path
+from ml.predictor import Predictor
+from tests.ml.test_mapped import _mapped_from, _results
+warnings = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger("ml.mapped").addHandler(Collect(logging.WARNING))
+mapped = Predictor.load(default_model_path(), mapped_cache=Path({cache!r}))
+same = _results(mapped) == _results(Predictor.load(default_model_path()))
+print(json.dumps({{"mapped_from": _mapped_from(mapped.fast.features.words), "warnings": warnings, "same": same}}))
+"""
+
+
+def _load_on_read_only_mount(source: Path, mount: Path) -> dict:
+    """Load the bundled model with its cache under ``mount``: ``source`` bound there read-only, in a
+    mount namespace of the subprocess's own (nothing else on the machine sees the mount)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a read-only mount needs root and unshare")
+    script = _READ_ONLY_LOAD.format(root=str(Path(__file__).resolve().parents[2]), cache=str(mount / "cache"))
+    mount_read_only = f"mount --bind {source} {mount} && mount -o remount,ro,bind {mount}"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount_read_only} && ! touch {mount}/probe"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a read-only folder here: {probe.stderr.strip()[:200]}")
+    command = f"{mount_read_only} && exec {sys.executable} -c \"$0\""
+    out = subprocess.run(["unshare", "-m", "sh", "-c", command, script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_read_only_filesystem_gives_a_private_copy_and_one_warning(tmp_path):
+    (tmp_path / "source").mkdir()
+    (tmp_path / "mount").mkdir()
+    found = _load_on_read_only_mount(tmp_path / "source", tmp_path / "mount")
+    assert found["mapped_from"] is None and found["same"]
+    assert len(found["warnings"]) == 1 and "not shared between processes" in found["warnings"][0], found["warnings"]
+
+
+def test_a_cache_written_before_the_filesystem_became_read_only_is_still_mapped(tmp_path):
+    (tmp_path / "mount").mkdir()
+    Predictor.load(default_model_path(), mapped_cache=tmp_path / "source" / "cache")  # written while writable
+    found = _load_on_read_only_mount(tmp_path / "source", tmp_path / "mount")
+    assert found["mapped_from"] is not None and found["mapped_from"].startswith(str(tmp_path / "mount" / "cache"))
+    assert found["same"] and found["warnings"] == []
