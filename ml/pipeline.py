@@ -96,7 +96,11 @@ def apply_rules(text: str, result: TextResult, rules: RuleSet) -> TextResult:
     for f in merged.entities:
         if f.source == "rule":
             in_rule[f.start : f.end] = [True] * (f.end - f.start)
-    tokens = [TokenTag(t.text, t.start, t.end, tag, RULE_SCORE if ruled else t.score) for t, tag, ruled in zip(result.tokens, tags, in_rule, strict=True)]
+    # a new TokenTag only where the rules changed the tag or the score: most tokens keep theirs
+    tokens = [
+        t if tag == t.tag and not ruled else TokenTag(t.text, t.start, t.end, tag, RULE_SCORE if ruled else t.score)
+        for t, tag, ruled in zip(result.tokens, tags, in_rule, strict=True)
+    ]
     return TextResult(entities, tokens, result.sentences, merged)
 
 

@@ -484,18 +484,22 @@ class RuleSet:
         folded = [t.casefold() for t in tokens] if (self._folded or self._anchored_folded or self._floating) else tokens
         candidates: list[tuple[int, int, int, int]] = []  # (start, end, priority, rule index)
         n = len(tokens)
-        for i in range(n):
-            for table, lengths, key, priority in ((self._exact, self._exact_lengths, tokens, 0), (self._folded, self._folded_lengths, folded, 1)):
-                for length in lengths.get(key[i], ()):
+        # phrases: only the lengths of the phrases that start with this token are looked up
+        for priority, table, lengths, key in ((0, self._exact, self._exact_lengths, tokens), (1, self._folded, self._folded_lengths, folded)):
+            if not table:
+                continue
+            for i, first in enumerate(key):
+                for length in lengths.get(first, ()):
                     if i + length <= n:
                         index = table.get(tuple(key[i : i + length]))
                         if index is not None:
                             candidates.append((i, i + length, priority, index))
-            patterns = self._anchored_exact.get(tokens[i], []) + self._anchored_folded.get(folded[i], []) + self._floating
-            for p in patterns:
-                length = p.longest(tokens, folded, i)
-                if length:
-                    candidates.append((i, i + length, 2, p.rule_index))
+        if self._anchored_exact or self._anchored_folded or self._floating:
+            for i in range(n):
+                for p in (*self._anchored_exact.get(tokens[i], ()), *self._anchored_folded.get(folded[i], ()), *self._floating):
+                    length = p.longest(tokens, folded, i)
+                    if length:
+                        candidates.append((i, i + length, 2, p.rule_index))
         return [Found(s, e, self.rules[r].label, RULE_SCORE, "rule", self.rules[r].id) for s, e, _, r in _non_overlapping(candidates)]
 
 

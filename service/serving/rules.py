@@ -5,6 +5,7 @@ FastAPI here."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from service.store.tables import Document, RuleSetVersion
 log = logging.getLogger("service.serving.rules")
 
 DEFAULT_MODE = "override"  # before the first version is stored
+FREEZE_AT = 1000  # rules from which a compiled set is moved out of the garbage collector's reach (compile_rules)
 
 
 def limits(settings: Settings) -> RuleLimits:
@@ -42,6 +44,14 @@ def rule_labels(model: ServedModel, settings: Settings) -> list[str]:
 def compile_rules(rules: Sequence[Rule], mode: str, version: int | None, language: str) -> RuleSet:
     started = time.perf_counter()
     compiled = RuleSet(rules, mode, version, PhraseTokenizer.for_language(language))
+    if len(compiled) >= FREEZE_AT:
+        # A large rule set is hundreds of thousands of long-lived objects; left in the collector's
+        # generations, every full collection walks them again while requests allocate (measured:
+        # 100,000 phrase rules cost /tag batches about twice as much with them as without).
+        # Frozen, the collector skips them; they are still freed by reference counting when a newer
+        # version replaces this one (a rule set holds no reference cycles).
+        gc.collect()
+        gc.freeze()
     metrics.RULES_LOAD_SECONDS.observe(time.perf_counter() - started)
     return compiled
 
