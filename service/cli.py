@@ -282,6 +282,9 @@ def cmd_bulk_with_store(args: argparse.Namespace) -> int:
 
     if not args.store:
         return cmd_bulk(args)
+    if args.min_score is not None or args.labels:
+        print("error: --store records every entity, as POST /tag stores them: leave out --min-score and --labels with --store", file=sys.stderr)
+        return 2
     from sqlalchemy.exc import SQLAlchemyError
 
     from ml.bulk.job import BulkJob
