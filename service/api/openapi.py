@@ -55,6 +55,7 @@ _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("delete", "/admin/rules/{rule_id}"): (404, 409),
     ("post", "/admin/rules/versions/{version}/rollback"): (404, 409),
     ("get", "/admin/rules/export"): (404,),
+    ("post", "/admin/rules/dry-run"): (404,),  # a rule id to remove that the current version does not have
 }
 # routes that never touch the database or a queue
 _NO_503 = {("get", "/healthz"), ("get", "/model"), ("get", "/metrics")}
