@@ -445,16 +445,21 @@ class RuleSet:
         self._anchored_exact: dict[str, list[_Pattern]] = {}
         self._anchored_folded: dict[str, list[_Pattern]] = {}
         self._floating: list[_Pattern] = []
+        # the first two tokens of every phrase of two or more: a longer phrase is looked up only where they occur
+        self._exact_pairs: set[tuple[str, str]] = set()
+        self._folded_pairs: set[tuple[str, str]] = set()
         lengths: tuple[dict[str, set[int]], dict[str, set[int]]] = ({}, {})
         for index, rule in enumerate(self.rules):
             if rule.phrase is not None:
                 tokens = tuple(tokenize(rule.phrase))
-                table, by_first = (self._exact, lengths[0]) if rule.case_sensitive else (self._folded, lengths[1])
+                table, by_first, pairs = (self._exact, lengths[0], self._exact_pairs) if rule.case_sensitive else (self._folded, lengths[1], self._folded_pairs)
                 if not rule.case_sensitive:
                     tokens = tuple(t.casefold() for t in tokens)
                 if tokens and tokens not in table:  # a duplicate phrase: the first rule keeps it
                     table[tokens] = index
                     by_first.setdefault(tokens[0], set()).add(len(tokens))
+                    if len(tokens) > 1:
+                        pairs.add((tokens[0], tokens[1]))
             else:
                 self._add_pattern(index, rule.pattern or ())
         self._exact_lengths = {k: tuple(sorted(v, reverse=True)) for k, v in lengths[0].items()}
@@ -485,12 +490,19 @@ class RuleSet:
         candidates: list[tuple[int, int, int, int]] = []  # (start, end, priority, rule index)
         n = len(tokens)
         # phrases: only the lengths of the phrases that start with this token are looked up
-        for priority, table, lengths, key in ((0, self._exact, self._exact_lengths, tokens), (1, self._folded, self._folded_lengths, folded)):
+        for priority, table, lengths, pairs, key in (
+            (0, self._exact, self._exact_lengths, self._exact_pairs, tokens),
+            (1, self._folded, self._folded_lengths, self._folded_pairs, folded),
+        ):
             if not table:
                 continue
             for i, first in enumerate(key):
-                for length in lengths.get(first, ()):
-                    if i + length <= n:
+                starting = lengths.get(first)
+                if starting is None:
+                    continue
+                longer = i + 1 < n and (first, key[i + 1]) in pairs
+                for length in starting:
+                    if (length == 1 or longer) and i + length <= n:
                         index = table.get(tuple(key[i : i + length]))
                         if index is not None:
                             candidates.append((i, i + length, priority, index))

@@ -328,3 +328,43 @@ def test_ner_bulk_applies_rules_and_filters(small_model_dir, tmp_path, capsys):
     assert main([*args, "--rules", str(rules), "--labels", "ORG,PRODUCT"]) == 2
     assert main([*args, "--labels", "FOOD"]) == 2
     assert "unknown label 'FOOD'" in capsys.readouterr().err
+
+
+def test_phrase_matching_equals_brute_force_on_random_rules():
+    """Against a reference that tries every rule at every position: the same non-overlapping
+    matches (longest first, then leftmost, exact before case-folded, then rule order)."""
+    import random
+
+    rng = random.Random(5)
+    vocab = ["Acme", "acme", "ACME", "Corp", "corp", "of", "New", "new", "York", "bank", "Bank", "ß", "SS"]
+    rules = []
+    for i in range(300):
+        phrase = " ".join(rng.choice(vocab) for _ in range(rng.choice((1, 1, 2, 2, 3, 4))))
+        rules.append(Rule(rng.choice(["ORG", "LOC"]), phrase, case_sensitive=rng.random() < 0.4, id=i + 1))
+    ruleset = RuleSet(rules, tokenize=str.split)
+
+    def brute(tokens: list[str]) -> list[tuple[int, int, int]]:
+        seen_exact: set[tuple[str, ...]] = set()
+        seen_folded: set[tuple[str, ...]] = set()
+        candidates = []
+        for index, rule in enumerate(rules):  # the first rule of a duplicate phrase keeps it
+            key = tuple(rule.phrase.split()) if rule.case_sensitive else tuple(t.casefold() for t in rule.phrase.split())
+            seen = seen_exact if rule.case_sensitive else seen_folded
+            if key in seen:
+                continue
+            seen.add(key)
+            text = tokens if rule.case_sensitive else [t.casefold() for t in tokens]
+            for i in range(len(tokens) - len(key) + 1):
+                if tuple(text[i : i + len(key)]) == key:
+                    candidates.append((i, i + len(key), 0 if rule.case_sensitive else 1, index))
+        taken = [False] * len(tokens)
+        kept = []
+        for s, e, _p, r in sorted(candidates, key=lambda c: (c[0] - c[1], c[0], c[2], c[3])):
+            if not any(taken[s:e]):
+                taken[s:e] = [True] * (e - s)
+                kept.append((s, e, rules[r].id))
+        return sorted(kept)
+
+    for _ in range(300):
+        tokens = [rng.choice(vocab) for _ in range(rng.randrange(1, 12))]
+        assert [(f.start, f.end, f.rule_id) for f in ruleset.match(tokens)] == brute(tokens), tokens
