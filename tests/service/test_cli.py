@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from tests.service.conftest import make_settings, running_app
-from tests.support import free_port, wait_ready
+from tests.support import free_port, serve_env, start_serve, stop_serve, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,14 +34,10 @@ def test_db_commands_and_refusal_of_an_unmigrated_database(tmp_path):
 
 
 def test_serve_with_two_workers_aggregates_metrics(tmp_path, small_model_dir):
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 's.db'}", NER_MODEL=str(small_model_dir), PYTHONPATH=str(ROOT))
+    env = serve_env(DATABASE_URL=f"sqlite:///{tmp_path / 's.db'}", NER_MODEL=str(small_model_dir))
     assert ner("db", "upgrade", env=env).returncode == 0
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    server = start_serve(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, server)
@@ -61,8 +56,7 @@ def test_serve_with_two_workers_aggregates_metrics(tmp_path, small_model_dir):
         assert totals == {30.0}
         assert len(pids) == 2, "both workers should report the model they serve"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stop_serve(server)
 
 
 def test_finetune_from_the_database(tmp_path, small_model_dir):

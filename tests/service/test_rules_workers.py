@@ -2,9 +2,7 @@
 without a restart, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import httpx
 import pytest
 
 from service.serving import supervisor
-from tests.service.conftest import free_port, wait_ready
+from tests.support import free_port, serve_env, start_serve, stop_serve, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = {"X-Admin-Key": "w" * 24}
@@ -52,14 +50,10 @@ def _tagged_labels(base: str) -> set[tuple[str, str]]:
 
 
 def test_two_workers_pick_up_a_new_rule_set(tmp_path, database_url, small_model_dir):
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(DATABASE_URL=database_url, NER_MODEL=str(small_model_dir), PYTHONPATH=str(ROOT), ADMIN_KEY=ADMIN["X-Admin-Key"], MODEL_POLL_S="0.5")
+    env = serve_env(DATABASE_URL=database_url, NER_MODEL=str(small_model_dir), ADMIN_KEY=ADMIN["X-Admin-Key"], MODEL_POLL_S="0.5")
     assert subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=ROOT, capture_output=True).returncode == 0
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    server = start_serve(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, server)
@@ -81,5 +75,4 @@ def test_two_workers_pick_up_a_new_rule_set(tmp_path, database_url, small_model_
         for _ in range(12):
             assert ("Paris", "model") in _tagged_labels(base)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stop_serve(server)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.serving import supervisor
-from tests.support import free_port, wait_ready, wait_until
+from tests.support import free_port, serve_env, start_serve, wait_ready, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,16 +71,11 @@ def _open_at_once(port: int, n: int) -> list[socket.socket]:
 
 
 def _serve(env: dict, port: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning", *extra],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    return start_serve(env, port, *extra)
 
 
 def _env(tmp_path: Path, model: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}", NER_MODEL=str(model), PYTHONPATH=str(ROOT))
-    return env
+    return serve_env(DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}", NER_MODEL=str(model))
 
 
 def _spread(port: int, server_pid: int) -> list[int]:
