@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ml.artifact import load_model
 from ml.model import Tagger
+from ml.modules.scripting import script
 from ml.vocab import PAD_ID, UNK_ID, casing_class
 
 
@@ -181,7 +182,7 @@ def export_torchscript(model_folder: str | Path, out: str | Path) -> Path:
         loaded.model, dict(loaded.vocab.words.stoi), dict(loaded.vocab.chars.stoi), list(loaded.vocab.tags.itos),
         loaded.config.model.max_word_length, loaded.meta.name, loaded.meta.version,
     )
-    scripted = torch.jit.script(wrapper.eval())
+    scripted = script(wrapper.eval())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(out))

@@ -16,6 +16,7 @@ from ml.evaluate import Scores, entity_scores
 from ml.fast import FastPathUnderflow, FastTagger
 from ml.labels import Span, spans_to_tags
 from ml.model import Tagger
+from ml.modules.scripting import script as compile_script
 from ml.vocab import Vocabularies
 from ml.windows import PieceResult, group_texts, plan, stitch, window_tokens
 
@@ -79,7 +80,7 @@ class Predictor:
             fast = torch.device(device).type == "cpu"
         engine = FastTagger(loaded.model, loaded.vocab, mc.max_word_length) if fast else None
         if script and mc.backend == "script":
-            model = torch.jit.script(model)
+            model = compile_script(model)
         return cls(model, loaded.vocab, mc.max_word_length, device, loaded, mc.window_tokens, mc.context == "document", engine)
 
     def predict(self, token_lists: Sequence[Sequence[str]], batch_size: int = 64) -> List[TaggedSentence]:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ml.modules.scripting import script
+
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 BACKENDS = ("script", "native")
 # older model folders and configs name the torch.nn backend "cudnn" (it is torch.nn's fused kernels,
@@ -360,5 +362,5 @@ def build_encoder(
         encoder.make_echo_state(echo_state_radius, generator)
     if isinstance(encoder, RecurrentEncoder):
         # script after any weight surgery: Python-only methods are gone from a ScriptModule
-        encoder.layers = nn.ModuleList([torch.jit.script(layer) for layer in encoder.layers])
+        encoder.layers = nn.ModuleList([script(layer) for layer in encoder.layers])
     return encoder
