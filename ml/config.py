@@ -134,6 +134,7 @@ class TrainConfig:
     case_upper: float = 0.0
     case_title: float = 0.0
     word_dropout: float = 0.0  # probability that a training token's word id is replaced by <unk> (ml.data.augment.drop_words)
+    mention_replace: float = 0.0  # probability that a training entity mention is swapped for another of its label (ml.data.augment.MentionReplacer)
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -146,6 +147,8 @@ class TrainConfig:
         for name in ("case_lower", "case_upper", "case_title"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.mention_replace <= 1.0:
+            raise ConfigError(f"train.mention_replace must lie in [0, 1], got {self.mention_replace}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError(f"train.word_dropout must lie in [0, 1), got {self.word_dropout}")
         if self.case_lower + self.case_upper + self.case_title > 1.0 + 1e-9:

@@ -38,7 +38,7 @@ from ml import word_tuning
 from ml.artifact import ModelMeta, build_model, check_version, entity_types, save_model
 from ml.config import Config, TrainConfig
 from ml.data import Example
-from ml.data.augment import CaseAugmenter, drop_words
+from ml.data.augment import CaseAugmenter, MentionReplacer, drop_words
 from ml.data.tensorize import Batch, tensorize
 from ml.device import resolve_device
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
@@ -251,6 +251,7 @@ class Trainer:
         self.started = 0.0
         self.recase = CaseAugmenter()
         self.unk_draws = torch.Generator()
+        self.replace = MentionReplacer((), 0.0)
 
     @property
     def is_main(self) -> bool:
@@ -277,6 +278,7 @@ class Trainer:
         # their own generators, so turning augmentation on leaves the batch order unchanged
         self.recase = CaseAugmenter(self.tc.case_lower, self.tc.case_upper, self.tc.case_title, seed=self.tc.seed + 1)
         self.unk_draws = torch.Generator().manual_seed(self.tc.seed + 2)
+        self.replace = MentionReplacer(((s.tokens, s.spans) for s in train_data), self.tc.mention_replace, seed=self.tc.seed + 3)
         self._call("on_train_start")
         for epoch in range(1, self.tc.epochs + 1):
             self.epoch = epoch
@@ -290,7 +292,7 @@ class Trainer:
             self._call("on_epoch_start", epoch)
             total_loss, total_tokens, n_seq = 0.0, 0, 0
             for indices in batches:
-                batch = self._batch([train_data[i].tokens for i in indices], [tag_lists[i] for i in indices], lm_size)
+                batch = self._batch(*self._sequences(train_data, tag_lists, indices), lm_size)
                 value = self._step(batch)
                 tokens = int(batch.mask.sum())
                 total_loss += value * len(indices)
@@ -315,6 +317,13 @@ class Trainer:
         result.seconds = time.perf_counter() - self.started
         self._call("on_result", result)
         return result
+
+    def _sequences(self, data: Sequence[Example], tag_lists: list[list[str]], indices: Sequence[int]) -> tuple[list[Sequence[str]], list[list[str]]]:
+        """The tokens and tags of one batch, with the mention replacement of ``train.mention_replace``."""
+        if not self.replace.active:
+            return [data[i].tokens for i in indices], [tag_lists[i] for i in indices]
+        replaced = [self.replace(data[i].tokens, data[i].spans) for i in indices]
+        return [tokens for tokens, _ in replaced], [spans_to_tags(spans, len(tokens), self.mc.tag_scheme) for tokens, spans in replaced]
 
     def _batch(self, token_lists: Sequence[Sequence[str]], tag_lists: list[list[str]], lm_size: int) -> Batch:
         """One training batch on the device, with the casing augmentation and word dropout of train.*."""

@@ -10,11 +10,12 @@ the config, without doubling the epoch)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from ml.labels import Span
 from ml.vocab import UNK_ID
 
 CASINGS = ("as_is", "lower", "upper", "title")
@@ -74,3 +75,43 @@ def drop_words(words: Tensor, mask: Tensor, p: float, generator: torch.Generator
         raise ValueError(f"word dropout must lie in [0, 1), got {p}")
     drop = (torch.rand(words.shape, generator=generator) < p) & mask
     return words.masked_fill(drop, UNK_ID)
+
+
+class MentionReplacer:
+    """Entity-mention replacement (Dai & Adel 2020): each entity mention of a training sequence is
+    replaced, with probability ``p``, by another mention of the same label drawn uniformly from the
+    distinct mentions of the training data, so the tagger sees each context with many names and learns
+    the context as well as the names (the case of a name it has never seen). The spans move with the
+    new lengths; tokens outside mentions are unchanged. Seeded, so a training run is repeatable."""
+
+    def __init__(self, examples: Iterable[tuple[Sequence[str], Sequence[Span]]], p: float, seed: int = 0):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"mention replacement probability must lie in [0, 1], got {p}")
+        self.p = p
+        self.rng = random.Random(seed)
+        pool: dict[str, set[tuple[str, ...]]] = {}
+        if p > 0:
+            for tokens, spans in examples:
+                for span in spans:
+                    pool.setdefault(span.label, set()).add(tuple(tokens[span.start : span.end]))
+        self.pool = {label: sorted(mentions) for label, mentions in pool.items()}
+
+    @property
+    def active(self) -> bool:
+        return self.p > 0 and any(len(m) > 1 for m in self.pool.values())
+
+    def __call__(self, tokens: Sequence[str], spans: Sequence[Span]) -> tuple[list[str], list[Span]]:
+        out: list[str] = []
+        new_spans: list[Span] = []
+        at = 0
+        for span in sorted(spans):
+            out.extend(tokens[at : span.start])
+            mention: Sequence[str] = tokens[span.start : span.end]
+            choices = self.pool.get(span.label)
+            if choices and self.rng.random() < self.p:
+                mention = choices[self.rng.randrange(len(choices))]
+            new_spans.append(Span(len(out), len(out) + len(mention), span.label))
+            out.extend(mention)
+            at = span.end
+        out.extend(tokens[at:])
+        return out, new_spans

@@ -8,7 +8,8 @@ import pytest
 
 import ml.train
 from ml.config import ConfigError
-from ml.data.augment import CaseAugmenter, recase, title_token
+from ml.data.augment import CaseAugmenter, MentionReplacer, recase, title_token
+from ml.labels import Span, spans_to_tags
 from ml.train import train
 from ml.vocab import word_key
 from tests.conftest import small_config
@@ -75,6 +76,55 @@ def test_training_feeds_recased_tokens(monkeypatch):
     assert 0.3 * len(seen) < lowered < 0.7 * len(seen)
     originals = {tuple(word_key(t) for t in s.tokens) for s in corpus}
     assert all(tuple(word_key(t) for t in toks) in originals for toks in seen)
+
+
+def test_mention_replacement_swaps_names_of_the_same_label_and_moves_the_spans():
+    data = [
+        (["Ann", "met", "Bob", "Smith", "in", "Rome"], [Span(0, 1, "PER"), Span(2, 4, "PER"), Span(5, 6, "LOC")]),
+        (["New", "York", "is", "big"], [Span(0, 2, "LOC")]),
+    ]
+    replacer = MentionReplacer(data, 1.0, seed=0)
+    assert replacer.pool == {"PER": [("Ann",), ("Bob", "Smith")], "LOC": [("New", "York"), ("Rome",)]}
+    seen = set()
+    for _ in range(200):
+        tokens, spans = replacer(*data[0])
+        assert [s.label for s in spans] == ["PER", "PER", "LOC"]
+        assert [tokens[i] for i in (spans[0].end, spans[1].end)] == ["met", "in"]  # the context stays
+        mentions = tuple(tuple(tokens[s.start : s.end]) for s in spans)
+        assert all(m in replacer.pool[s.label] for m, s in zip(mentions, spans, strict=True))
+        assert len(tokens) == 2 + sum(len(m) for m in mentions)  # "met", "in" and the names
+        spans_to_tags(spans, len(tokens), "bioes")  # well-formed
+        seen.add(mentions)
+    assert len(seen) == 8  # every combination drawn: 2 x 2 x 2
+
+
+def test_mention_replacement_at_zero_and_without_entities_changes_nothing():
+    data = [(["Ann", "met", "Bob"], [Span(0, 1, "PER"), Span(2, 3, "PER")])]
+    assert not MentionReplacer(data, 0.0).active
+    assert MentionReplacer(data, 0.0)(*data[0]) == (["Ann", "met", "Bob"], [Span(0, 1, "PER"), Span(2, 3, "PER")])
+    assert MentionReplacer(data, 1.0)(["no", "names"], []) == (["no", "names"], [])
+    with pytest.raises(ValueError, match=r"mention replacement probability must lie in \[0, 1\], got 1.5"):
+        MentionReplacer(data, 1.5)
+    with pytest.raises(ConfigError, match=r"train\.mention_replace must lie in"):
+        small_config(train__mention_replace=-0.1)
+
+
+def test_training_feeds_replaced_mentions(monkeypatch):
+    seen: list[tuple[list[str], list[str]]] = []
+    real = ml.train.tensorize
+
+    def recording(token_lists, vocab, max_len, tag_lists, *args, **kwargs):
+        seen.extend((list(t), list(g)) for t, g in zip(token_lists, tag_lists, strict=True))
+        return real(token_lists, vocab, max_len, tag_lists, *args, **kwargs)
+
+    monkeypatch.setattr(ml.train, "tensorize", recording)
+    corpus = synthetic_corpus(30, seed=3)
+    config = small_config(train__epochs=2, train__mention_replace=1.0)
+    train(config, corpus, None, None, progress=False, log=lambda m: None)
+    originals = {tuple(s.tokens) for s in corpus}
+    changed = [tokens for tokens, _ in seen if tuple(tokens) not in originals]
+    assert len(seen) == 2 * len(corpus) and len(changed) > len(seen) // 2
+    assert all(len(tokens) == len(tags) for tokens, tags in seen)
 
 
 def test_word_dropout_replaces_only_real_tokens_at_the_rate():
