@@ -83,6 +83,7 @@ class FinetuneConfig:
     base_ratio: float = 1.0  # base-corpus sentences per correction sentence and epoch, when the base corpus is given
     correction_weight: int = 1  # times each training correction is seen per epoch
     word_dropout: float = 0.2  # share of training words read as <unk> (the tag must come from context and characters, not a memorised name)
+    mention_replace: float = 0.0  # probability that a training mention is swapped for another of its label (ml.data.augment.MentionReplacer)
     holdout_every: int = 5  # one document in N is held out for the gate, by hash (0: none)
     time_holdout: float = 0.1  # the newest fraction of the documents is held out for the gate (0: none)
     stop_every: int = 10  # one training document in N decides early stopping (0: a fixed epoch count)
@@ -97,6 +98,7 @@ class FinetuneConfig:
         ranges += [(n, "non-negative", lambda v: v >= 0) for n in (
             "epochs", "clip_norm", "ewc", "distill", "l2_to_base", "rehearsal_ratio", "base_ratio", "holdout_every", "stop_every", "patience", "threads")]
         ranges += [(n, "in [0, 1)", lambda v: 0.0 <= v < 1.0) for n in ("pull_to_base", "time_holdout", "probe_confidence", "word_dropout")]
+        ranges += [("mention_replace", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
         ranges += [(n, "0 (none) or at least 2 (1 would take every document)", lambda v: v != 1) for n in ("holdout_every", "stop_every")]
         for name, wanted, ok in ranges:
             if not ok(getattr(self, name)):
@@ -474,6 +476,7 @@ def _train_config(loaded: LoadedModel, cfg: FinetuneConfig, plan: Schedule) -> C
         **base["train"], "epochs": plan.epochs, "batch_size": cfg.batch_size, "optimizer": "adam", "lr": plan.lr, "lr_decay": 0.0,
         "weight_decay": 0.0, "clip_norm": cfg.clip_norm, "seed": cfg.seed, "device": "cpu", "threads": cfg.threads, "patience": cfg.patience,
         "average_last": 0,  # the base recipe's checkpoint averaging is not the fine-tune's (its own callbacks run)
+        "mention_replace": cfg.mention_replace,
     }})
 
 

@@ -15,10 +15,12 @@ from ml.finetune import (
     Correction,
     FinetuneConfig,
     FinetuneInputs,
+    _train_config,
     finetune,
     grow,
     is_held_out,
     read_corrections,
+    schedule,
     to_sentences,
 )
 from ml.labels import Span
@@ -134,6 +136,8 @@ def test_bad_settings_are_named():
         FinetuneConfig().override(["freeze=encoder,decoder"])
     with pytest.raises(ConfigError, match="holdout_every"):
         FinetuneConfig(holdout_every=1).validate()
+    with pytest.raises(ConfigError, match=r"finetune\.mention_replace must be in \[0, 1\], got 1.5"):
+        FinetuneConfig(mention_replace=1.5).validate()
 
 
 def test_pull_to_base_holds_the_weights_near_the_base(small_model_dir, tmp_path):
@@ -410,3 +414,11 @@ def test_ner_fisher_writes_the_file_into_the_model_folder(small_model_dir, corpu
     fisher = load_fisher(folder)
     assert fisher is not None and fisher.measured_on == weights_digest(folder)
     assert main(["fisher", "--model", str(folder), "--data", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_the_fine_tune_trains_with_its_own_mention_replacement(small_model_dir):
+    loaded = load_model(small_model_dir)
+    cfg = FinetuneConfig(mention_replace=0.4)
+    train = _train_config(loaded, cfg, schedule(cfg, 100, 0)).train
+    assert train.mention_replace == 0.4 and train.average_last == 0
+    assert _train_config(loaded, FinetuneConfig(), schedule(FinetuneConfig(), 100, 0)).train.mention_replace == 0.0
