@@ -60,6 +60,14 @@ def article_record(sentences) -> dict:
     return {"text": text, "entities": entities}
 
 
+def posted_records(docs, k: int, unit: str) -> list[tuple[str, dict]]:
+    """What is posted for article ``k``: one text for the article, or (``unit`` "sentence") one short
+    text per sentence, as thousands of short corrected texts (messages, tickets) would come."""
+    if unit == "sentence":
+        return [(f"{k}-{i}", article_record([s])) for i, s in enumerate(docs[k])]
+    return [(str(k), article_record(docs[k]))]
+
+
 def evaluate_folder(folder: str | Path, sentences) -> dict:
     from ml.predictor import Predictor, evaluate
 
@@ -77,8 +85,8 @@ def sweep(args, docs, posted) -> int:
 
     corrections = []
     for k in posted:
-        record = article_record(docs[k])
-        corrections.append(Correction(f"wikigold-{k}", record["text"], [(e["start"], e["end"], e["label"]) for e in record["entities"]]))
+        for key, record in posted_records(docs, k, args.unit):
+            corrections.append(Correction(f"wikigold-{key}", record["text"], [(e["start"], e["end"], e["label"]) for e in record["entities"]]))
     dev = read_conll(args.conll_dev)[: args.dev_sentences or None]
     unposted = [s for k in sorted(set(range(len(docs))) - set(posted)) for s in docs[k]]
     before = evaluate(Predictor.load(args.model), unposted).f1
@@ -169,9 +177,10 @@ def run_curve(args, docs, seed: int, eval_of, conll_test) -> list[dict]:
         sent = 0
         for n in curve:
             for k in posted[sent:n]:
-                r = client.post("/feedback", json={**article_record(docs[k]), "author": "wikigold"}, headers={"Idempotency-Key": f"wikigold-{seed}-{k}"})
-                if r.status_code not in (200, 201):
-                    raise SystemExit(f"POST /feedback of article {k}: {r.status_code} {r.text}")
+                for key, record in posted_records(docs, k, args.unit):
+                    r = client.post("/feedback", json={**record, "author": "wikigold"}, headers={"Idempotency-Key": f"wikigold-{seed}-{key}"})
+                    if r.status_code not in (200, 201):
+                        raise SystemExit(f"POST /feedback of article {key}: {r.status_code} {r.text}")
             sent = n
             job = run_job(client, env, args, base_id, models_dir)
             metrics = job["metrics"]
@@ -223,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(ROOT / "models/en-conll03"))
     p.add_argument("--posted", type=int, default=100, help="articles whose gold is posted as corrections")
     p.add_argument("--curve", default="10,25,50,100", help="retrain after this many posted articles")
+    p.add_argument("--unit", choices=["article", "sentence"], default="article",
+                   help="post each article as one text, or each of its sentences as its own short text (the same article split)")
     p.add_argument("--seed", type=int, default=2026, help="the article split (repeat r uses seed + r)")
     p.add_argument("--repeats", type=int, default=1, help="the whole curve this many times, each on its own split and database; the table shows means")
     p.add_argument("--finetune", default="{}", help="FINETUNE for the trainer (JSON), e.g. '{\"ewc\": 50}'")
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     base_conll = eval_of(args.model, conll_test)["f1"]
     print(f"WikiGold: {len(docs)} articles, {args.posted} posted; base model {100 * base_conll:.2f} on CoNLL-2003 test", file=sys.stderr)
     points = [p for r in range(args.repeats) for p in run_curve(args, docs, args.seed + r, eval_of, conll_test)]
-    results = {"seed": args.seed, "repeats": args.repeats, "posted": args.posted, "finetune": json.loads(args.finetune), "method": args.method,
+    results = {"seed": args.seed, "repeats": args.repeats, "unit": args.unit, "posted": args.posted, "finetune": json.loads(args.finetune), "method": args.method,
                "base_corpus": args.base_corpus, "threads": args.threads, "base_conll_test": base_conll, "points": points}
     print(curve_table(points, base_conll))
     if args.json:
