@@ -171,6 +171,8 @@ def run_curve(args, docs, seed: int, eval_of, conll_test) -> list[dict]:
         models_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ner-loop-")))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": db_url, "TORCH_THREADS": str(args.threads),
                "TRAIN_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+        if args.base_corpus:  # the service refuses to queue a retrain job without it, the trainer reads it
+            env["BASE_CORPUS"] = args.base_corpus
         subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
         client = start_service(stack, env, args, models_dir)
         base_id = next(m["id"] for m in client.get("/admin/models", headers={"X-Admin-Key": ADMIN_KEY}).json() if m["active"])
