@@ -42,6 +42,9 @@ def test_gate_promotes_a_candidate_that_gains_on_new_names_and_keeps_the_base():
     decision = promotion_decision(_measures(), GatePolicy())
     assert decision.promote, decision.reason
     assert decision.checks["unseen_gain"] == pytest.approx(0.05) and decision.checks["probe_agreement"] == 0.97
+    assert "(+10.00); on the 12 newest documents +2.00;" in decision.reason  # the measure closest to new texts is said too
+    without_time = {k: v for k, v in _measures().items() if k != "time"}
+    assert "newest" not in promotion_decision(without_time, GatePolicy()).reason
 
 
 def test_gate_refuses_a_candidate_that_forgets_the_base_domain():
