@@ -80,8 +80,8 @@ def build_model(config: Config, vocab: Vocabularies, with_lm: bool = True, gener
     the word table is left uninitialised for weights about to be loaded)."""
     transitions = allowed_transitions(vocab.tags.itos, config.model.tag_scheme)
     model_config = config.model
-    if not with_lm and model_config.lm_weight:
-        model_config = Config.from_dict({**config.to_dict(), "model": {**config.to_dict()["model"], "lm_weight": 0.0}}).model
+    if not with_lm and (model_config.lm_weight or model_config.truecase_weight):  # the training-only heads
+        model_config = Config.from_dict({**config.to_dict(), "model": {**config.to_dict()["model"], "lm_weight": 0.0, "truecase_weight": 0.0}}).model
     return Tagger.from_config(model_config, len(vocab.words), len(vocab.chars), len(vocab.tags), transitions, generator, init_words)
 
 
@@ -106,7 +106,7 @@ def save_model(folder: str | Path, model: Tagger, config: Config, vocab: Vocabul
     round_half_precision_(model)
     state = {}
     for key, value in model.state_dict().items():
-        if key.startswith("lm_head."):
+        if key.startswith(("lm_head.", "truecase_head.")):
             continue  # training-only
         value = value.detach().cpu().contiguous().clone()
         state[key] = value.half() if key in HALF_PRECISION else value

@@ -72,6 +72,9 @@ class ModelConfig:
     tag_scheme: str = "bioes"  # internal scheme: iob2 | bioes
     lm_weight: float = 0.0  # > 0: auxiliary next/previous-word language-model loss (Rei 2017)
     lm_vocab: int = 10000  # words the auxiliary LM predicts (the most frequent; others are <unk>)
+    # > 0: auxiliary truecasing loss (Mayhew et al. 2020): from its states, each token predicts the casing
+    # class it had before train.case_* recased the sequence (a training-only head; nothing changes at inference)
+    truecase_weight: float = 0.0
 
     def validate(self) -> ModelConfig:
         _choice("model.cell", self.cell, CELLS)
@@ -89,6 +92,7 @@ class ModelConfig:
             if getattr(self, name) > limit:
                 raise ConfigError(f"model.{name} = {getattr(self, name)} is larger than the allowed maximum {limit}")
         _positive("model.lm_weight", self.lm_weight, allow_zero=True)
+        _positive("model.truecase_weight", self.truecase_weight, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
         if self.echo_state_radius:

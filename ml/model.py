@@ -129,6 +129,7 @@ class Tagger(nn.Module):
         dropout: float,
         lm_head: Optional[LanguageModelHead] = None,
         locked_dropout: bool = False,
+        truecase_head: Optional[nn.Linear] = None,
     ):
         super().__init__()
         width = word_embedding.embedding_dim
@@ -144,6 +145,7 @@ class Tagger(nn.Module):
         self.projection = nn.Linear(encoder.output_size, num_tags)
         self.head = head
         self.lm_head = lm_head
+        self.truecase_head = truecase_head
         self.num_tags = num_tags
 
     @classmethod
@@ -178,7 +180,8 @@ class Tagger(nn.Module):
         else:
             head = SoftmaxHead(num_tags)
         lm = LanguageModelHead(config.hidden_size, config.lm_vocab) if config.lm_weight > 0 else None
-        return cls(words, chars, cases, encoder, head, num_tags, config.dropout, lm, config.locked_dropout)
+        truecase = nn.Linear(encoder.output_size, NUM_CASES) if config.truecase_weight > 0 else None
+        return cls(words, chars, cases, encoder, head, num_tags, config.dropout, lm, config.locked_dropout, truecase)
 
     def encode(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
         """(B, T) ids, (B, T, C) char ids, (B, T) casing classes, (B, T) mask -> states (B, T, D*H)."""
@@ -194,14 +197,23 @@ class Tagger(nn.Module):
     def emissions(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
         return self.projection(self.encode(words, chars, cases, mask))  # (B, T, K)
 
-    def loss(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Optional[Tensor] = None, lm_weight: float = 0.0) -> Tensor:
+    def loss(
+        self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Optional[Tensor] = None, lm_weight: float = 0.0,
+        truecase_targets: Optional[Tensor] = None, truecase_weight: float = 0.0,
+    ) -> Tensor:
         """Tagging loss (summed over steps, averaged over sentences), plus the weighted auxiliary
-        language-model loss when an LM head and targets are given."""
+        language-model loss when an LM head and targets are given, and the weighted truecasing loss
+        (cross-entropy of each token's original casing class, summed over steps, averaged over
+        sentences) when a truecasing head and targets are given."""
         states = self.encode(words, chars, cases, mask)
         loss = self.head.loss(self.projection(states), tags, mask)
         lm = self.lm_head
         if lm is not None and lm_targets is not None and lm_weight > 0:
             loss = loss + lm_weight * lm(states, lm_targets, mask)
+        truecase = self.truecase_head
+        if truecase is not None and truecase_targets is not None and truecase_weight > 0:
+            per_token = F.cross_entropy(truecase(states).transpose(1, 2), truecase_targets, reduction="none")
+            loss = loss + truecase_weight * (per_token * mask.to(states.dtype)).sum(1).mean()
         return loss
 
     def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
@@ -227,8 +239,8 @@ def _recurrent_shapes(prefix: str, cell: str, input_size: int, hidden: int, laye
 
 
 def state_shapes(config: ModelConfig, num_words: int, num_chars: int, num_tags: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every saved tensor of ``Tagger.from_config`` (without the training-only LM
-    head), computed without building anything, so a model folder can be checked before its model
+    """The shape of every saved tensor of ``Tagger.from_config`` (without the training-only LM and
+    truecasing heads), computed without building anything, so a model folder can be checked before its model
     is allocated. Kept equal to the built model's state dict by a test."""
     shapes: dict[str, tuple[int, ...]] = {"word_embedding.weight": (num_words, config.word_dim)}
     width = config.word_dim

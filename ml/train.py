@@ -46,7 +46,7 @@ from ml.evaluate import Scores
 from ml.labels import spans_to_tags, tag_set
 from ml.model import Tagger
 from ml.predictor import Predictor, evaluate
-from ml.vocab import Vocabularies, word_key
+from ml.vocab import Vocabularies, casing, word_key
 from ml.windows import training_windows, with_dev
 
 
@@ -78,18 +78,28 @@ class TrainResult:
 LossTerm = Callable[[Tagger], Tensor]  # an extra scalar added to every batch's loss
 
 
+def truecase_targets(token_lists: Sequence[Sequence[str]], width: int) -> Tensor:
+    """(B, width) casing classes (``ml.vocab.casing``) of the tokens as given, 0 past each end."""
+    out = torch.zeros(len(token_lists), width, dtype=torch.long)
+    for i, tokens in enumerate(token_lists):
+        if tokens:
+            out[i, : len(tokens)] = torch.tensor([casing(t) for t in tokens], dtype=torch.long)
+    return out
+
+
 class Objective(nn.Module):
     """The training loss as a module's forward, so DistributedDataParallel sees (and syncs) it,
     extra terms included."""
 
-    def __init__(self, tagger: Tagger, lm_weight: float, loss_terms: Sequence[LossTerm] = ()):
+    def __init__(self, tagger: Tagger, lm_weight: float, loss_terms: Sequence[LossTerm] = (), truecase_weight: float = 0.0):
         super().__init__()
         self.tagger = tagger
         self.lm_weight = lm_weight
+        self.truecase_weight = truecase_weight
         self.loss_terms = list(loss_terms)
 
-    def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Tensor | None) -> Tensor:
-        loss = self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight)
+    def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Tensor | None, truecase: Tensor | None = None) -> Tensor:
+        loss = self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight, truecase, self.truecase_weight)
         for term in self.loss_terms:
             loss = loss + term(self.tagger)
         return loss
@@ -236,7 +246,7 @@ class Trainer:
         self.vocab = vocab
         self.data = data
         self.callbacks = list(callbacks)
-        objective: nn.Module = Objective(self.model, self.mc.lm_weight, loss_terms)
+        objective: nn.Module = Objective(self.model, self.mc.lm_weight, loss_terms, self.mc.truecase_weight)
         if self.dist.active:
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.objective = objective
@@ -328,12 +338,14 @@ class Trainer:
     def _batch(self, token_lists: Sequence[Sequence[str]], tag_lists: list[list[str]], lm_size: int) -> Batch:
         """One training batch on the device, with the casing augmentation and word dropout of train.*."""
         batch = tensorize([self.recase(tokens) for tokens in token_lists], self.vocab, self.mc.max_word_length, tag_lists, lm_size)
+        if self.mc.truecase_weight:  # the casing each token had before recasing: what the truecasing head predicts
+            batch.truecase = truecase_targets(token_lists, batch.mask.shape[1])
         if self.tc.word_dropout:
             batch.words = drop_words(batch.words, batch.mask, self.tc.word_dropout, self.unk_draws)
         return batch.to(self.device)
 
     def _step(self, batch: Batch) -> float:
-        loss = self.objective(*batch.inputs, batch.tags, batch.lm_targets)
+        loss = self.objective(*batch.inputs, batch.tags, batch.lm_targets, batch.truecase)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.tc.clip_norm:

@@ -18,6 +18,7 @@ class Batch:
     mask: Tensor  # (B, T) bool, True at real tokens
     tags: Tensor | None = None  # (B, T) gold tag ids
     lm_targets: Tensor | None = None  # (B, T) ids for the auxiliary language model
+    truecase: Tensor | None = None  # (B, T) casing classes of the tokens before training-time recasing
 
     def to(self, device: str | torch.device) -> Batch:
         def move(t: Tensor) -> Tensor:
@@ -27,6 +28,7 @@ class Batch:
             move(self.words), move(self.chars), move(self.cases), move(self.mask),
             move(self.tags) if self.tags is not None else None,
             move(self.lm_targets) if self.lm_targets is not None else None,
+            move(self.truecase) if self.truecase is not None else None,
         )
 
     @property

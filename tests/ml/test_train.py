@@ -16,6 +16,7 @@ from ml.data.conll import write_conll
 from ml.export import export_torchscript
 from ml.predictor import Predictor, evaluate
 from ml.train import Callback, train
+from ml.vocab import casing
 from tests.conftest import small_config
 from tests.support import free_port
 from tests.synthetic import synthetic_corpus
@@ -96,6 +97,7 @@ def test_exported_features_match_python_on_any_unicode(small_model_dir, tmp_path
     {"model__head": "softmax", "model__tag_scheme": "iob2"},
     {"model__char_encoder": "lstm", "model__cell": "gru", "model__num_layers": 2, "model__backend": "cudnn"},
     {"model__lm_weight": 0.1, "model__lm_vocab": 20},
+    {"model__truecase_weight": 0.5, "train__case_lower": 0.5},
 ])
 def test_other_configurations_learn_the_corpus(overrides, corpus, tmp_path):
     config = small_config(**overrides)
@@ -103,6 +105,39 @@ def test_other_configurations_learn_the_corpus(overrides, corpus, tmp_path):
     assert result.dev.f1 == 1.0
     loaded = load_model(tmp_path / "m")
     assert loaded.model.lm_head is None  # the auxiliary LM is training-only and not saved
+    assert loaded.model.truecase_head is None  # so is the truecasing head
+
+
+def test_truecase_targets_are_the_casing_before_recasing():
+    from ml.train import truecase_targets
+
+    targets = truecase_targets([["Tom", "met", "NATO"], ["x"]], 4)
+    assert targets.tolist() == [[casing("Tom"), casing("met"), casing("NATO"), 0], [casing("x"), 0, 0, 0]]
+
+
+def test_the_truecasing_loss_is_the_masked_cross_entropy_of_the_original_casing():
+    import torch.nn.functional as F
+
+    from ml.artifact import build_model
+    from ml.data.tensorize import tensorize
+    from ml.labels import spans_to_tags
+    from ml.train import truecase_targets
+    from ml.vocab import Vocabularies
+
+    corpus = synthetic_corpus(10, seed=1)
+    config = small_config(model__truecase_weight=2.0)
+    tag_lists = [spans_to_tags(s.spans, len(s.tokens), config.model.tag_scheme) for s in corpus]
+    vocab = Vocabularies.build([s.tokens for s in corpus], sorted({t for tags in tag_lists for t in tags}))
+    model = build_model(config, vocab).eval()
+    tokens = [s.tokens for s in corpus[:3]]
+    batch = tensorize([[t.lower() for t in ts] for ts in tokens], vocab, 30, tag_lists[:3])
+    targets = truecase_targets(tokens, batch.mask.shape[1])
+    plain = model.loss(*batch.inputs, batch.tags)
+    with_truecase = model.loss(*batch.inputs, batch.tags, truecase_targets=targets, truecase_weight=2.0)
+    states = model.encode(*batch.inputs)
+    logits = model.truecase_head(states)
+    expected = sum(F.cross_entropy(logits[b, : len(tokens[b])], targets[b, : len(tokens[b])], reduction="sum") for b in range(3)) / 3
+    assert torch.allclose(with_truecase - plain, 2.0 * expected, atol=1e-5)
 
 
 def test_model_trained_with_cudnn_backend_exports_through_the_scripted_one(corpus, tmp_path):
