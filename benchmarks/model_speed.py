@@ -6,8 +6,8 @@ and one-sentence latency (median of single ``predict`` calls per round, the best
         --baseline-ref main --model models/en-conll03
 
 ``--baseline-ref REF`` takes the baseline from ``git show REF:models/en-conll03/...`` (the
-model shipped at REF); ``--baseline FOLDER`` takes a folder. The constraint of issue 11: the new
-model may be at most 20 % slower than the baseline on both numbers."""
+model shipped at REF); ``--baseline FOLDER`` takes a folder. The constraint on a new model: it
+may be at most 20 % slower than the baseline on both numbers."""
 from __future__ import annotations
 
 import argparse

@@ -9,16 +9,14 @@ compilation in ``ml`` goes through :func:`script`.
 from __future__ import annotations
 
 import threading
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-
-T = TypeVar("T")
 
 _COMPILE_LOCK = threading.RLock()
 
 
-def script(obj: T) -> Any:
+def script(obj: Any) -> Any:
     """``torch.jit.script(obj)``, one compilation at a time in this process."""
     with _COMPILE_LOCK:
         return torch.jit.script(obj)
