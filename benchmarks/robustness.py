@@ -1,8 +1,9 @@
 """F1 by casing variant: every token as it is, lower-cased, upper-cased, title-cased (``ml.data.augment.recase``;
 the gold entities stay where they are) × data set, for one or more model folders side by side.
 
-    python benchmarks/robustness.py --model models/en-conll03 --baseline-ref 26039c1
+    python benchmarks/robustness.py --model models/en-conll03 --baseline-ref fc2b05a --baseline-ref 26039c1
     python benchmarks/robustness.py --model runs/candidate --sets dev          # selection: dev only
+    python benchmarks/robustness.py --model runs/student --ensemble runs/t1 runs/t2 runs/t3 --sets dev   # beside its teachers' ensemble
 
 The data sets come from ``--data-root`` (default ``../shared/data``): CoNLL-2003 dev (the one to select
 on), the original test (``test.orig.txt``), CoNLL++ (``test.txt``) and WikiGold (another domain; never
@@ -46,6 +47,25 @@ def robustness(model: Path, data_root: Path, sets: list[str], variants: tuple[st
     return table
 
 
+def ensemble_robustness(folders: list[Path], data_root: Path, sets: list[str], variants: tuple[str, ...] = VARIANTS) -> dict[str, dict[str, float]]:
+    """The same table for an ensemble of model folders: their mean marginals, decoded (ml.distill.ensemble_spans)."""
+    from ml.artifact import load_model
+    from ml.data import read_corpus
+    from ml.data.augment import recase
+    from ml.distill import ensemble_spans
+    from ml.evaluate import entity_scores
+
+    members = [load_model(f) for f in folders]
+    table: dict[str, dict[str, float]] = {}
+    for name in sets:
+        sentences = read_corpus(data_root / SETS[name])
+        table[name] = {}
+        for variant in variants:
+            changed = [type(s)(recase(s.tokens, variant), list(s.spans)) for s in sentences]
+            table[name][variant] = round(100 * entity_scores([s.spans for s in sentences], ensemble_spans(members, changed)).f1, 2)
+    return table
+
+
 def print_table(results: dict[str, dict[str, dict[str, float]]], variants: tuple[str, ...]) -> None:
     names = list(results)
     print("| data set | casing | " + " | ".join(names) + " |")
@@ -64,10 +84,11 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, action="append", help="a model folder (repeatable; default models/en-conll03)")
-    p.add_argument("--baseline-ref", help="also the model shipped at this git ref (e.g. 26039c1 for en-conll03 1.2.0)")
+    p.add_argument("--baseline-ref", action="append", default=[], help="also the model shipped at this git ref (repeatable; e.g. 26039c1 for en-conll03 1.2.0)")
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--ensemble", type=Path, nargs="+", help="also the ensemble of these model folders (their mean tag marginals, decoded)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("--write-metrics", action="store_true", help="store the first model's table in its metrics.json")
     args = p.parse_args()
@@ -83,8 +104,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             results[str(model)] = robustness(model, args.data_root, args.sets, variants)
-        if args.baseline_ref:
-            results[f"git {args.baseline_ref}"] = robustness(extract(args.baseline_ref, Path(tmp) / "baseline"), args.data_root, args.sets, variants)
+        if args.ensemble:
+            results[f"ensemble of {len(args.ensemble)}"] = ensemble_robustness(args.ensemble, args.data_root, args.sets, variants)
+        for n, ref in enumerate(args.baseline_ref):
+            results[f"git {ref}"] = robustness(extract(ref, Path(tmp) / f"baseline{n}"), args.data_root, args.sets, variants)
     print_table(results, variants)
     print(f"\n({time.perf_counter() - started:.0f}s; F1 in percent, entity level, exact match)")
     if args.json:

@@ -64,6 +64,9 @@ class ModelConfig:
     char_kernel: int = 3
     max_word_length: int = 30  # characters seen by the char encoder per word (a longer word's first ones)
     case_dim: int = 8  # 0 disables the casing feature
+    # the character table holds lower-case characters and reads every case of them as them, so the
+    # character encoder sees no case (the casing feature alone does; ml.vocab.Vocabularies.build)
+    char_fold_case: bool = False
     dropout: float = 0.5
     locked_dropout: bool = False  # one dropout mask per sequence for all steps (variational; Gal & Ghahramani)
     context: str = "sentence"  # sentence: one sentence per window | document: consecutive sentences of a text share a window
@@ -139,6 +142,11 @@ class TrainConfig:
     case_title: float = 0.0
     word_dropout: float = 0.0  # probability that a training token's word id is replaced by <unk> (ml.data.augment.drop_words)
     mention_replace: float = 0.0  # probability that a training entity mention is swapped for another of its label (ml.data.augment.MentionReplacer)
+    # knowledge distillation (ml.distill): model folders whose mean tag marginals, on each training
+    # sequence as it is (before recasing), the model also learns to match; the loss is
+    # (1 - distill_weight) * gold loss + distill_weight * cross-entropy to those marginals
+    distill_from: list[str] = field(default_factory=list)
+    distill_weight: float = 0.5
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -155,6 +163,12 @@ class TrainConfig:
             raise ConfigError(f"train.mention_replace must lie in [0, 1], got {self.mention_replace}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError(f"train.word_dropout must lie in [0, 1), got {self.word_dropout}")
+        if not all(isinstance(f, str) and f for f in self.distill_from):
+            raise ConfigError(f"train.distill_from must be a list of model folders, got {self.distill_from!r}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ConfigError(f"train.distill_weight must lie in [0, 1], got {self.distill_weight}")
+        if self.distill_from and self.mention_replace:
+            raise ConfigError("train.distill_from cannot be combined with train.mention_replace: the teachers' marginals are computed once, on the sequences as they are")
         if self.case_lower + self.case_upper + self.case_title > 1.0 + 1e-9:
             raise ConfigError("train.case_lower + train.case_upper + train.case_title must be at most 1")
         if self.average_last > self.epochs:

@@ -51,7 +51,7 @@ from ml.labels import Span, tag_set
 from ml.model import Tagger
 from ml.predictor import Predictor
 from ml.train import Callback, EarlyStopping, EpochLog, KeepBest, TrainData, Trainer
-from ml.vocab import UNK_ID, Vocab, Vocabularies, word_key
+from ml.vocab import UNK_ID, Vocab, Vocabularies, fold_char, word_key
 from ml.windows import group_texts
 
 FREEZABLE = ("word_embedding", "char_encoder", "case_embedding", "encoder", "projection", "head")
@@ -238,11 +238,14 @@ class Growth:
 
 def _grown_vocab(vocab: Vocabularies, sentences: Sequence[Sentence], scheme: str) -> tuple[Vocabularies, Growth]:
     new_words = sorted({word_key(t) for s in sentences for t in s.tokens} - set(vocab.words.stoi))
-    new_chars = sorted({ch for s in sentences for t in s.tokens for ch in t} - set(vocab.chars.stoi))
+    seen_chars = {ch for s in sentences for t in s.tokens for ch in t} - set(vocab.chars.stoi)
+    fold = vocab.chars.fold_case  # a case-folded table grows by lower-case characters (and the others' aliases)
+    new_chars = sorted({fold_char(ch) for ch in seen_chars} - set(vocab.chars.stoi) if fold else seen_chars)
+    aliases = {**vocab.chars.aliases, **{ch: fold_char(ch) for ch in seen_chars if fold and fold_char(ch) != ch}}
     new_labels = sorted({sp.label for s in sentences for sp in s.spans} - set(entity_types(vocab)))
     new_tags = [t for t in tag_set(new_labels, scheme) if t != "O"] if new_labels else []
     grown = Vocabularies(
-        Vocab(vocab.words.itos[2:] + new_words), Vocab(vocab.chars.itos[2:] + new_chars), Vocab(vocab.tags.itos + new_tags, specials=False),
+        Vocab(vocab.words.itos[2:] + new_words), Vocab(vocab.chars.itos[2:] + new_chars, fold_case=fold, aliases=aliases if fold else None), Vocab(vocab.tags.itos + new_tags, specials=False),
     )
     return grown, Growth(new_words, new_chars, new_labels, 0)
 
@@ -736,7 +739,9 @@ def retrain(
     prep = prepare(inputs, cfg, progress)
     loaded = prep.loaded
     base = loaded.config.to_dict()
-    recipe = Config.from_dict({**base, "train": {**base["train"], "device": "cpu", "threads": cfg.threads, "seed": cfg.seed}})
+    # without the recipe's distillation teachers (train.distill_from): they are folders of the machine
+    # that trained the base model, and they know nothing of the corrections
+    recipe = Config.from_dict({**base, "train": {**base["train"], "device": "cpu", "threads": cfg.threads, "seed": cfg.seed, "distill_from": []}})
     lineage = {**inputs.lineage, "method": "retrain", "base_model": f"{loaded.meta.name} {loaded.meta.version}", "corrections": len(inputs.corrections),
                "train_documents": len(prep.splits.train), "heldout_documents": len(prep.splits.heldout), "time_documents": len(prep.splits.time),
                "correction_weight": cfg.correction_weight, "corrections_fingerprint": _fingerprint(inputs.corrections)}

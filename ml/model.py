@@ -200,13 +200,22 @@ class Tagger(nn.Module):
     def loss(
         self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Optional[Tensor] = None, lm_weight: float = 0.0,
         truecase_targets: Optional[Tensor] = None, truecase_weight: float = 0.0,
+        soft_targets: Optional[Tensor] = None, soft_weight: float = 0.0,
     ) -> Tensor:
         """Tagging loss (summed over steps, averaged over sentences), plus the weighted auxiliary
         language-model loss when an LM head and targets are given, and the weighted truecasing loss
         (cross-entropy of each token's original casing class, summed over steps, averaged over
-        sentences) when a truecasing head and targets are given."""
+        sentences) when a truecasing head and targets are given. With ``soft_targets`` (B, T, K), the
+        tagging loss becomes (1 - soft_weight) * itself + soft_weight * the cross-entropy between
+        those distributions and the head's marginals, summed over steps and averaged over sentences
+        (distillation, ml.distill)."""
         states = self.encode(words, chars, cases, mask)
-        loss = self.head.loss(self.projection(states), tags, mask)
+        emissions = self.projection(states)
+        loss = self.head.loss(emissions, tags, mask)
+        if soft_targets is not None and soft_weight > 0:  # distillation: cross-entropy to the teachers' marginals
+            log_p = self.head.marginals(emissions, mask).clamp(min=1e-12).log()
+            per_step = -(soft_targets * log_p).sum(2)  # (B, T)
+            loss = (1.0 - soft_weight) * loss + soft_weight * (per_step * mask.to(per_step.dtype)).sum(1).mean()
         lm = self.lm_head
         if lm is not None and lm_targets is not None and lm_weight > 0:
             loss = loss + lm_weight * lm(states, lm_targets, mask)

@@ -41,6 +41,7 @@ from ml.data import Example
 from ml.data.augment import CaseAugmenter, MentionReplacer, drop_words
 from ml.data.tensorize import Batch, tensorize
 from ml.device import resolve_device
+from ml.distill import load_teachers, pad_targets, teacher_marginals
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
 from ml.evaluate import Scores
 from ml.labels import spans_to_tags, tag_set
@@ -91,15 +92,19 @@ class Objective(nn.Module):
     """The training loss as a module's forward, so DistributedDataParallel sees (and syncs) it,
     extra terms included."""
 
-    def __init__(self, tagger: Tagger, lm_weight: float, loss_terms: Sequence[LossTerm] = (), truecase_weight: float = 0.0):
+    def __init__(self, tagger: Tagger, lm_weight: float, loss_terms: Sequence[LossTerm] = (), truecase_weight: float = 0.0, distill_weight: float = 0.0):
         super().__init__()
         self.tagger = tagger
         self.lm_weight = lm_weight
         self.truecase_weight = truecase_weight
+        self.distill_weight = distill_weight
         self.loss_terms = list(loss_terms)
 
-    def forward(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Tensor | None, truecase: Tensor | None = None) -> Tensor:
-        loss = self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight, truecase, self.truecase_weight)
+    def forward(
+        self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Tensor | None,
+        truecase: Tensor | None = None, soft: Tensor | None = None,
+    ) -> Tensor:
+        loss = self.tagger.loss(words, chars, cases, mask, tags, lm_targets, self.lm_weight, truecase, self.truecase_weight, soft, self.distill_weight)
         for term in self.loss_terms:
             loss = loss + term(self.tagger)
         return loss
@@ -177,7 +182,8 @@ def build_vocab(config: Config, train: Sequence[Example]) -> tuple[Vocabularies,
     if config.train.pretrained:
         vectors = load_vectors(config.train.pretrained, config.train.pretrained_max_words)
         extra = pretrained_keys(vectors[0])
-    vocab = Vocabularies.build((s.tokens for s in train), tag_set(types, config.model.tag_scheme), extra_words=extra)
+    vocab = Vocabularies.build((s.tokens for s in train), tag_set(types, config.model.tag_scheme), extra_words=extra,
+                                   fold_char_case=config.model.char_fold_case)
     return vocab, vectors
 
 
@@ -233,11 +239,14 @@ class Trainer:
         scheduler_factory: Callable[[torch.optim.Optimizer, TrainConfig], torch.optim.lr_scheduler.LRScheduler] = build_scheduler,
         loss_terms: Sequence[LossTerm] = (),
         distributed: _Distributed | None = None,
+        soft_targets: Sequence[Tensor] | None = None,
     ):
         if not data.train:
             raise ValueError("training needs non-empty train data")
         if data.dev is not None and not data.dev:
             raise ValueError("the dev data is empty; pass dev=None to train without a dev set")
+        if soft_targets is not None and len(soft_targets) != len(data.train):
+            raise ValueError(f"{len(soft_targets)} distillation targets for {len(data.train)} training sequences")
         self.config = config
         self.tc, self.mc = config.train, config.model
         self.dist = distributed or _Distributed()
@@ -246,7 +255,8 @@ class Trainer:
         self.vocab = vocab
         self.data = data
         self.callbacks = list(callbacks)
-        objective: nn.Module = Objective(self.model, self.mc.lm_weight, loss_terms, self.mc.truecase_weight)
+        self.soft_targets = soft_targets  # per training sequence, (len, K) teachers' marginals (ml.distill)
+        objective: nn.Module = Objective(self.model, self.mc.lm_weight, loss_terms, self.mc.truecase_weight, self.tc.distill_weight if soft_targets is not None else 0.0)
         if self.dist.active:
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.objective = objective
@@ -303,6 +313,8 @@ class Trainer:
             total_loss, total_tokens, n_seq = 0.0, 0, 0
             for indices in batches:
                 batch = self._batch(*self._sequences(train_data, tag_lists, indices), lm_size)
+                if self.soft_targets is not None:
+                    batch.soft = pad_targets([self.soft_targets[i] for i in indices], batch.mask.shape[1]).to(self.device)
                 value = self._step(batch)
                 tokens = int(batch.mask.sum())
                 total_loss += value * len(indices)
@@ -345,7 +357,7 @@ class Trainer:
         return batch.to(self.device)
 
     def _step(self, batch: Batch) -> float:
-        loss = self.objective(*batch.inputs, batch.tags, batch.lm_targets, batch.truecase)
+        loss = self.objective(*batch.inputs, batch.tags, batch.lm_targets, batch.truecase, batch.soft)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.tc.clip_norm:
@@ -636,12 +648,18 @@ def train(
             word_tuning.attach(model, 2 + len({word_key(t) for s in train_data for t in s.tokens}))
         # what one forward pass sees: sentences, or windows of consecutive sentences of a document (ml.windows)
         sequences = training_windows(train_data, config.model.window_tokens, config.model.context == "document")
+        soft_targets = None
+        if tc.distill_from:  # the teachers' marginals on every training sequence, once (ml.distill)
+            teachers = load_teachers(tc.distill_from, vocab)
+            lineage.setdefault("teachers", [{"name": t.meta.name, "version": t.meta.version, "path": str(t.path)} for t in teachers])
+            soft_targets = teacher_marginals(teachers, sequences, log=log if dist.rank == 0 else None)
+            del teachers
         lineage.setdefault("train_sentences", len(train_data))
         lineage.setdefault("train_fingerprint", data_fingerprint(train_data))
         if callbacks is None:
             callbacks = default_callbacks(config, out, name, version, lineage, progress, log, select_on_dev=dev_data is not None)
         callbacks = _merge_before_save(list(callbacks))
-        trainer = Trainer(model, vocab, TrainData(sequences, dev_data), config, callbacks, device=device, distributed=dist)
+        trainer = Trainer(model, vocab, TrainData(sequences, dev_data), config, callbacks, device=device, distributed=dist, soft_targets=soft_targets)
         return trainer.fit()
     finally:
         dist.stop()

@@ -62,15 +62,41 @@ def casing_class(length: int, digits: int, letters: int, uppers: int, first_uppe
     return 4
 
 
-class Vocab:
-    """A string <-> id table. With ``specials`` the first ids are padding and unknown."""
+def fold_char(ch: str) -> str:
+    """A character lower-cased, where that gives one character (else the character itself)."""
+    low = ch.lower()
+    return low if len(low) == 1 else ch
 
-    def __init__(self, items: Sequence[str], specials: bool = True):
+
+class Vocab:
+    """A string <-> id table. With ``specials`` the first ids are padding and unknown.
+
+    ``aliases`` map further strings to an item's id (``stoi`` only; ``itos`` and the length count
+    items). With ``fold_case`` (a character table whose items are lower-case, ``model.char_fold_case``)
+    every item's one-character upper and title case is an alias of it, so ``A`` reads as ``a``
+    everywhere ids are looked up (training, the CPU path, the TorchScript export)."""
+
+    def __init__(self, items: Sequence[str], specials: bool = True, fold_case: bool = False, aliases: dict[str, str] | None = None):
         self.specials = specials
+        self.fold_case = fold_case
         self.itos: list[str] = ([PAD, UNK] if specials else []) + [s for s in items if s not in (PAD, UNK)]
         self.stoi: dict[str, int] = {s: i for i, s in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("vocabulary items must be unique")
+        self.aliases: dict[str, str] = {}
+        if fold_case:
+            for item in self.itos[2 if specials else 0 :]:
+                for variant in (item.upper(), item.title()):
+                    if len(variant) == 1 and variant != item and variant not in self.stoi:
+                        self.aliases[variant] = item
+        for alias, target in (aliases or {}).items():
+            if alias in self.stoi:
+                raise ValueError(f"vocabulary alias {alias!r} is also an item")
+            if target not in self.stoi:
+                raise ValueError(f"vocabulary alias {alias!r} points to {target!r}, which is not an item")
+            self.aliases[alias] = target
+        for alias, target in self.aliases.items():
+            self.stoi[alias] = self.stoi[target]
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -87,21 +113,24 @@ class Vocab:
             raise KeyError(f"{item!r} is not in the vocabulary ({len(self)} items)") from None
 
     @classmethod
-    def from_counts(cls, counts: Counter, min_count: int = 1, extra: Iterable[str] = ()) -> Vocab:
+    def from_counts(cls, counts: Counter, min_count: int = 1, extra: Iterable[str] = (), fold_case: bool = False, aliases: dict[str, str] | None = None) -> Vocab:
         kept = [s for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
         seen = set(kept)
         for s in extra:
             if s not in seen:
                 seen.add(s)
                 kept.append(s)
-        return cls(kept)
+        return cls(kept, fold_case=fold_case, aliases={a: t for a, t in (aliases or {}).items() if t in seen and a not in seen})
 
     def to_json(self) -> dict:
-        return {"specials": self.specials, "items": self.itos[2:] if self.specials else self.itos}
+        data: dict = {"specials": self.specials, "items": self.itos[2:] if self.specials else self.itos}
+        if self.fold_case or self.aliases:
+            data["fold_case"], data["aliases"] = self.fold_case, self.aliases
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> Vocab:
-        return cls(data["items"], specials=data["specials"])
+        return cls(data["items"], specials=data["specials"], fold_case=data.get("fold_case", False), aliases=data.get("aliases"))
 
 
 class Vocabularies:
@@ -131,15 +160,27 @@ class Vocabularies:
         tags: Sequence[str],
         min_char_count: int = 1,
         extra_words: Iterable[str] | None = None,
+        fold_char_case: bool = False,
     ) -> Vocabularies:
+        """With ``fold_char_case`` the character table holds lower-case characters (``fold_char``)
+        and reads any other case of them as them: the character encoder sees no case, the casing
+        feature alone does."""
         words: Counter = Counter()
         chars: Counter = Counter()
         for tokens in sentences:
             for tok in tokens:
                 words[word_key(tok)] += 1
                 chars.update(tok)
+        aliases: dict[str, str] = {}
+        if fold_char_case:
+            folded: Counter = Counter()
+            for ch, n in chars.items():
+                folded[fold_char(ch)] += n
+                if fold_char(ch) != ch:
+                    aliases[ch] = fold_char(ch)  # e.g. KELVIN SIGN -> k, which k's upper case (K) does not cover
+            chars = folded
         return cls(
             Vocab.from_counts(words, extra=extra_words or ()),
-            Vocab.from_counts(chars, min_count=min_char_count),
+            Vocab.from_counts(chars, min_count=min_char_count, fold_case=fold_char_case, aliases=aliases),
             Vocab(list(tags), specials=False),
         )

@@ -19,6 +19,7 @@ class Batch:
     tags: Tensor | None = None  # (B, T) gold tag ids
     lm_targets: Tensor | None = None  # (B, T) ids for the auxiliary language model
     truecase: Tensor | None = None  # (B, T) casing classes of the tokens before training-time recasing
+    soft: Tensor | None = None  # (B, T, K) teachers' tag marginals to distil (ml.distill)
 
     def to(self, device: str | torch.device) -> Batch:
         def move(t: Tensor) -> Tensor:
@@ -29,6 +30,7 @@ class Batch:
             move(self.tags) if self.tags is not None else None,
             move(self.lm_targets) if self.lm_targets is not None else None,
             move(self.truecase) if self.truecase is not None else None,
+            move(self.soft) if self.soft is not None else None,
         )
 
     @property

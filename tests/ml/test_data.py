@@ -173,3 +173,27 @@ def test_features_and_tensorize():
         tensorize([["x"]], vocab, 4, tags=[["B-PER"]])
     with pytest.raises(ValueError, match="1 tokens but 2 tags"):
         tensorize([["x"]], vocab, 4, tags=[["O", "O"]])
+
+
+def test_a_case_folded_character_table_reads_every_case_as_the_lower_case():
+    kelvin = "\u212a"  # KELVIN SIGN: lower-cases to k, but k upper-cases to K
+    vocab = Vocabularies.build([["Berlin", "BERLIN", "berlin", kelvin, "ǅ"]], ["O", "S-LOC"], fold_char_case=True)
+    assert all(ch == ch.lower() for ch in vocab.chars.itos[2:]), vocab.chars.itos
+    assert len(vocab.chars) == 2 + len(set("berlin")) + 2  # k and ǆ, beside the specials
+    batch = tensorize([["BERLIN", "Berlin", "berlin", "bErLiN"]], vocab, max_word_length=10)
+    assert all(batch.chars[0, i].tolist() == batch.chars[0, 0].tolist() for i in range(4))
+    assert batch.cases[0].tolist() == [casing("BERLIN"), casing("Berlin"), casing("berlin"), casing("bErLiN")]
+    assert vocab.chars.index(kelvin) == vocab.chars.index("k") == vocab.chars.index("K")
+    assert vocab.chars.index("ǅ") == vocab.chars.index("Ǆ") == vocab.chars.index("ǆ")  # title and upper case of a digraph
+    assert vocab.chars.index("Z") == UNK_ID  # no z seen
+    again = Vocabularies.from_json(json.loads(json.dumps({"words": vocab.words.to_json(), "chars": vocab.chars.to_json(), "tags": vocab.tags.to_json()})))
+    assert again.chars.stoi == vocab.chars.stoi and again.chars.itos == vocab.chars.itos and again.chars.fold_case
+    plain = Vocabularies.build([["Berlin"]], ["O", "S-LOC"])
+    assert "B" in plain.chars.itos and not plain.chars.aliases and "aliases" not in plain.chars.to_json()  # the default is unchanged
+
+
+def test_vocabulary_aliases_must_point_to_items():
+    with pytest.raises(ValueError, match="points to 'q', which is not an item"):
+        Vocab(["a"], aliases={"A": "q"})
+    with pytest.raises(ValueError, match="alias 'a' is also an item"):
+        Vocab(["a", "b"], aliases={"a": "b"})

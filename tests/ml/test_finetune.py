@@ -381,6 +381,7 @@ def test_full_retrain_trains_the_base_recipe_on_the_corpus_and_the_corrections(s
     shutil.copytree(small_model_dir, base)
     config = json.loads((base / "config.json").read_text())
     config["train"]["epochs"], config["train"]["patience"] = 3, 3  # the recipe, shortened for the test
+    config["train"]["distill_from"] = [str(tmp_path / "teacher-on-another-machine")]  # a distilled recipe's teachers: not used
     (base / "config.json").write_text(json.dumps(config))
     corrections = _documents(30)
     with pytest.raises(ValueError, match="needs the base corpus"):
@@ -394,6 +395,7 @@ def test_full_retrain_trains_the_base_recipe_on_the_corpus_and_the_corrections(s
     assert any(m.startswith("full retrain with small 1.0.0's recipe (3 epochs)") for m in messages)
     assert json.loads((tmp_path / "v2" / "metrics.json").read_text())["heldout"] == result.metrics["heldout"]
     assert load_model(tmp_path / "v2").meta.lineage["corrections"] == 30
+    assert "teachers" not in result.meta.lineage
 
 
 def test_ner_fisher_writes_the_file_into_the_model_folder(small_model_dir, corpus, tmp_path, capsys):
@@ -422,3 +424,16 @@ def test_the_fine_tune_trains_with_its_own_mention_replacement(small_model_dir):
     train = _train_config(loaded, cfg, schedule(cfg, 100, 0)).train
     assert train.mention_replace == 0.4 and train.average_last == 0
     assert _train_config(loaded, FinetuneConfig(), schedule(FinetuneConfig(), 100, 0)).train.mention_replace == 0.0
+
+
+def test_a_case_folded_character_table_grows_by_lower_case_characters():
+    from ml.finetune import _grown_vocab
+    from ml.vocab import Vocabularies
+
+    base = Vocabularies.build([["Oslo"]], ["O", "S-LOC"], fold_char_case=True)
+    grown, growth = _grown_vocab(base, [Sentence(["QUAY", "Zürich", "Oslo"], [])], "bioes")
+    assert growth.new_chars == sorted(set("quayzürich") - set("oslo"))  # lower-case, each once; O, S, L are known
+    assert grown.chars.fold_case and grown.chars.index("Q") == grown.chars.index("q") != 1
+    assert grown.chars.itos[: len(base.chars)] == base.chars.itos  # old ids unchanged
+    plain, _ = _grown_vocab(Vocabularies.build([["Oslo"]], ["O", "S-LOC"]), [Sentence(["QUAY"], [])], "bioes")
+    assert "Q" in plain.chars.itos and not plain.chars.fold_case

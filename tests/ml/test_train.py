@@ -408,3 +408,22 @@ def test_average_last_replaces_dev_selection_in_the_default_callbacks():
         small_config(train__epochs=3, train__average_last=4).validate()
     with pytest.raises(ValueError, match="at least one epoch"):
         AverageWeights(0)
+
+
+def test_a_case_folded_model_reads_every_case_alike_on_every_path(corpus, tmp_path):
+    """model.char_fold_case: the character encoder sees ``paris`` for Paris and PARIS; the casing
+    feature still differs. The CPU fast path, the scripted model and the TorchScript export read
+    the same ids."""
+    from ml.vocab import casing
+
+    train(small_config(model__char_fold_case=True, train__epochs=3), corpus, corpus, tmp_path / "m", progress=False, log=lambda m: None)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.vocab.chars.fold_case and all(ch == ch.lower() for ch in loaded.vocab.chars.itos[2:])
+    archive = torch.jit.load(str(export_torchscript(tmp_path / "m", tmp_path / "t.pt")))
+    for tok in ["Paris", "PARIS", "paris", "ÖSTERREICH", "ǅemal", "Ωmega9"]:
+        _, case, chars = archive.token_features(tok)
+        assert case == casing(tok) and chars == [loaded.vocab.chars.index(ch) for ch in tok[:30]], tok
+    assert archive.token_features("PARIS")[2] == archive.token_features("paris")[2]
+    sentences = [s.tokens for s in corpus[:10]] + [[t.upper() for t in s.tokens] for s in corpus[:10]]
+    fast, scripted = Predictor.load(tmp_path / "m"), Predictor.load(tmp_path / "m", fast=False)
+    assert [r.tags for r in fast.predict(sentences)] == [r.tags for r in scripted.predict(sentences)]
