@@ -147,6 +147,9 @@ class TrainConfig:
     # (1 - distill_weight) * gold loss + distill_weight * cross-entropy to those marginals
     distill_from: list[str] = field(default_factory=list)
     distill_weight: float = 0.5
+    # what the teachers read: "cased" each sequence as it is in the corpus, whatever the student's
+    # recasing; "same" the very recasing the student reads (marginals computed once per casing)
+    distill_view: str = "cased"
 
     def validate(self) -> TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -167,6 +170,7 @@ class TrainConfig:
             raise ConfigError(f"train.distill_from must be a list of model folders, got {self.distill_from!r}")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ConfigError(f"train.distill_weight must lie in [0, 1], got {self.distill_weight}")
+        _choice("train.distill_view", self.distill_view, ("cased", "same"))
         if self.distill_from and self.mention_replace:
             raise ConfigError("train.distill_from cannot be combined with train.mention_replace: the teachers' marginals are computed once, on the sequences as they are")
         if self.case_lower + self.case_upper + self.case_title > 1.0 + 1e-9:

@@ -4,11 +4,12 @@ every step, the mean over the teachers of their tag marginals p(tag_t = k | sent
 forward-backward, ``ml.modules.crf.CRF.marginals``), and the student's loss adds the cross-entropy
 between that distribution and its own marginals (``Tagger.loss``'s ``soft_targets``).
 
-The teachers see each sequence as it is in the corpus, before the training-time recasing of
-``train.case_*``: the student learns to give a lower-cased or upper-cased sentence the ensemble's
-reading of the cased one. So the marginals are computed once, before the first epoch, and kept
-on the CPU (4 bytes x tags per training token).
-"""
+By default (``train.distill_view = "cased"``) the teachers see each sequence as it is in the
+corpus, before the training-time recasing of ``train.case_*``: the student learns to give a
+lower-cased or upper-cased sentence the ensemble's reading of the cased one. With ``"same"`` they
+see the recasing the student sees (the classic ensemble distillation). Either way the marginals are
+computed once per casing, before the first epoch, and kept on the CPU (4 bytes x tags per training
+token and casing)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -18,10 +19,20 @@ import torch
 from torch import Tensor
 
 from ml.artifact import LoadedModel, load_model
+from ml.config import TrainConfig
 from ml.data import Example
 from ml.data.tensorize import tensorize
 from ml.labels import Span
 from ml.vocab import Vocabularies
+
+
+def distill_casings(tc: TrainConfig) -> list[str]:
+    """The casings the teachers read: the sequences as they are, and with ``train.distill_view =
+    "same"`` each recasing the training may draw (``train.case_*`` above zero)."""
+    casings = ["as_is"]
+    if tc.distill_view == "same":
+        casings += [c for c, p in (("lower", tc.case_lower), ("upper", tc.case_upper), ("title", tc.case_title)) if p > 0]
+    return casings
 
 
 def load_teachers(folders: Sequence[str | Path], vocab: Vocabularies) -> list[LoadedModel]:

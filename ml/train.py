@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from ml import word_tuning
 from ml.artifact import ModelMeta, build_model, check_version, entity_types, save_model
 from ml.config import Config, TrainConfig
-from ml.data import Example
-from ml.data.augment import CaseAugmenter, MentionReplacer, drop_words
+from ml.data import Example, Sentence
+from ml.data.augment import CaseAugmenter, MentionReplacer, drop_words, recase
 from ml.data.tensorize import Batch, tensorize
 from ml.device import resolve_device
-from ml.distill import load_teachers, pad_targets, teacher_marginals
+from ml.distill import distill_casings, load_teachers, pad_targets, teacher_marginals
 from ml.embeddings import initialise_embedding, load_vectors, pretrained_keys
 from ml.evaluate import Scores
 from ml.labels import spans_to_tags, tag_set
@@ -239,14 +239,18 @@ class Trainer:
         scheduler_factory: Callable[[torch.optim.Optimizer, TrainConfig], torch.optim.lr_scheduler.LRScheduler] = build_scheduler,
         loss_terms: Sequence[LossTerm] = (),
         distributed: _Distributed | None = None,
-        soft_targets: Sequence[Tensor] | None = None,
+        soft_targets: Mapping[str, Sequence[Tensor]] | None = None,
     ):
         if not data.train:
             raise ValueError("training needs non-empty train data")
         if data.dev is not None and not data.dev:
             raise ValueError("the dev data is empty; pass dev=None to train without a dev set")
-        if soft_targets is not None and len(soft_targets) != len(data.train):
-            raise ValueError(f"{len(soft_targets)} distillation targets for {len(data.train)} training sequences")
+        if soft_targets is not None:
+            if "as_is" not in soft_targets:
+                raise ValueError("the distillation targets need the sequences as they are ('as_is')")
+            for casing_, targets in soft_targets.items():
+                if len(targets) != len(data.train):
+                    raise ValueError(f"{len(targets)} distillation targets ({casing_}) for {len(data.train)} training sequences")
         self.config = config
         self.tc, self.mc = config.train, config.model
         self.dist = distributed or _Distributed()
@@ -255,7 +259,9 @@ class Trainer:
         self.vocab = vocab
         self.data = data
         self.callbacks = list(callbacks)
-        self.soft_targets = soft_targets  # per training sequence, (len, K) teachers' marginals (ml.distill)
+        # per casing ("as_is", and with train.distill_view = "same" each recasing drawn), per training
+        # sequence, the teachers' (len, K) marginals (ml.distill); a casing without its own reads "as_is"
+        self.soft_targets = soft_targets
         objective: nn.Module = Objective(self.model, self.mc.lm_weight, loss_terms, self.mc.truecase_weight, self.tc.distill_weight if soft_targets is not None else 0.0)
         if self.dist.active:
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -312,9 +318,7 @@ class Trainer:
             self._call("on_epoch_start", epoch)
             total_loss, total_tokens, n_seq = 0.0, 0, 0
             for indices in batches:
-                batch = self._batch(*self._sequences(train_data, tag_lists, indices), lm_size)
-                if self.soft_targets is not None:
-                    batch.soft = pad_targets([self.soft_targets[i] for i in indices], batch.mask.shape[1]).to(self.device)
+                batch = self._batch(*self._sequences(train_data, tag_lists, indices), lm_size, indices)
                 value = self._step(batch)
                 tokens = int(batch.mask.sum())
                 total_loss += value * len(indices)
@@ -347,9 +351,14 @@ class Trainer:
         replaced = [self.replace(data[i].tokens, data[i].spans) for i in indices]
         return [tokens for tokens, _ in replaced], [spans_to_tags(spans, len(tokens), self.mc.tag_scheme) for tokens, spans in replaced]
 
-    def _batch(self, token_lists: Sequence[Sequence[str]], tag_lists: list[list[str]], lm_size: int) -> Batch:
-        """One training batch on the device, with the casing augmentation and word dropout of train.*."""
-        batch = tensorize([self.recase(tokens) for tokens in token_lists], self.vocab, self.mc.max_word_length, tag_lists, lm_size)
+    def _batch(self, token_lists: Sequence[Sequence[str]], tag_lists: list[list[str]], lm_size: int, indices: Sequence[int] = ()) -> Batch:
+        """One training batch on the device, with the casing augmentation and word dropout of train.*,
+        and the distillation targets of the sequences ``indices`` in the casing each was drawn in."""
+        casings = [self.recase.draw() if self.recase.active else "as_is" for _ in token_lists]
+        batch = tensorize([recase(tokens, c) for tokens, c in zip(token_lists, casings, strict=True)], self.vocab, self.mc.max_word_length, tag_lists, lm_size)
+        if self.soft_targets is not None:
+            targets = self.soft_targets
+            batch.soft = pad_targets([targets[c if c in targets else "as_is"][i] for i, c in zip(indices, casings, strict=True)], batch.mask.shape[1])
         if self.mc.truecase_weight:  # the casing each token had before recasing: what the truecasing head predicts
             batch.truecase = truecase_targets(token_lists, batch.mask.shape[1])
         if self.tc.word_dropout:
@@ -652,7 +661,11 @@ def train(
         if tc.distill_from:  # the teachers' marginals on every training sequence, once (ml.distill)
             teachers = load_teachers(tc.distill_from, vocab)
             lineage.setdefault("teachers", [{"name": t.meta.name, "version": t.meta.version, "path": str(t.path)} for t in teachers])
-            soft_targets = teacher_marginals(teachers, sequences, log=log if dist.rank == 0 else None)
+            soft_targets = {}
+            for casing_ in distill_casings(tc):
+                if dist.rank == 0:
+                    log(f"distillation: the teachers read the training sequences {casing_.replace('_', ' ')}")
+                soft_targets[casing_] = teacher_marginals(teachers, [Sentence(recase(s.tokens, casing_)) for s in sequences], log=log if dist.rank == 0 else None)
             del teachers
         lineage.setdefault("train_sentences", len(train_data))
         lineage.setdefault("train_fingerprint", data_fingerprint(train_data))

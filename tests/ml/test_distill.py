@@ -136,3 +136,45 @@ def test_the_ensembles_own_prediction_follows_the_scheme_and_its_members(small_m
     assert entity_scores([s.spans for s in corpus], ensemble_spans([good, good], corpus)).f1 == 1.0
     mixed = ensemble_spans([good, load_model(second_teacher)], corpus[:20])  # decodes to valid spans whatever the mix
     assert all(0 <= s.start < s.end <= len(x.tokens) for x, spans in zip(corpus[:20], mixed, strict=True) for s in spans)
+
+
+def test_the_teachers_read_the_casings_the_view_asks_for():
+    from ml.distill import distill_casings
+
+    assert distill_casings(small_config(train__case_lower=0.2, train__case_title=0.1).train) == ["as_is"]
+    same = small_config(train__case_lower=0.2, train__case_title=0.1, train__distill_view="same").train
+    assert distill_casings(same) == ["as_is", "lower", "title"]
+    with pytest.raises(ConfigError, match="distill_view"):
+        small_config(train__distill_view="both")
+
+
+def test_each_row_gets_the_targets_of_the_casing_it_was_drawn_in(corpus):
+    """With per-casing targets, a batch row recased to lower gets the "lower" targets, one left as
+    it is the "as_is" ones, and a casing without targets of its own (title) reads "as_is"."""
+    from ml.data.augment import CaseAugmenter
+    from ml.train import Trainer, TrainData
+
+    config = small_config(train__case_lower=0.4, train__case_title=0.3, train__seed=6)
+    tag_lists = [spans_to_tags(s.spans, len(s.tokens), config.model.tag_scheme) for s in corpus]
+    vocab = Vocabularies.build([s.tokens for s in corpus], sorted({t for tags in tag_lists for t in tags}))
+    k = len(vocab.tags)
+
+    def constant(tag: int) -> list[torch.Tensor]:
+        return [torch.nn.functional.one_hot(torch.full((len(s.tokens),), tag), k).float() for s in corpus]
+
+    trainer = Trainer(build_model(config, vocab), vocab, TrainData(corpus), config, soft_targets={"as_is": constant(0), "lower": constant(1)})
+    trainer.recase = CaseAugmenter(0.4, 0.0, 0.3, seed=6)
+    replay = CaseAugmenter(0.4, 0.0, 0.3, seed=6)
+    indices = list(range(12))
+    batch = trainer._batch([corpus[i].tokens for i in indices], [tag_lists[i] for i in indices], 0, indices)
+    drawn = [replay.draw() for _ in indices]
+    assert set(drawn) == {"as_is", "lower", "title"}  # this seed draws all three
+    assert batch.soft is not None
+    for row, (i, casing_) in enumerate(zip(indices, drawn, strict=True)):
+        expected = 1 if casing_ == "lower" else 0
+        assert batch.soft[row, : len(corpus[i].tokens)].argmax(1).eq(expected).all(), (row, casing_)
+        assert batch.soft[row, len(corpus[i].tokens) :].eq(0).all()
+    with pytest.raises(ValueError, match="as they are"):
+        Trainer(build_model(config, vocab), vocab, TrainData(corpus), config, soft_targets={"lower": constant(1)})
+    with pytest.raises(ValueError, match=r"3 distillation targets \(as_is\)"):
+        Trainer(build_model(config, vocab), vocab, TrainData(corpus), config, soft_targets={"as_is": constant(0)[:3]})
