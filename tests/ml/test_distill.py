@@ -152,7 +152,7 @@ def test_each_row_gets_the_targets_of_the_casing_it_was_drawn_in(corpus):
     """With per-casing targets, a batch row recased to lower gets the "lower" targets, one left as
     it is the "as_is" ones, and a casing without targets of its own (title) reads "as_is"."""
     from ml.data.augment import CaseAugmenter
-    from ml.train import Trainer, TrainData
+    from ml.train import TrainData, Trainer
 
     config = small_config(train__case_lower=0.4, train__case_title=0.3, train__seed=6)
     tag_lists = [spans_to_tags(s.spans, len(s.tokens), config.model.tag_scheme) for s in corpus]
