@@ -67,7 +67,7 @@ def teacher_marginals(
             if not chunk:
                 continue
             batch = tensorize([sequences[i].tokens for i in chunk], teacher.vocab, limit)
-            probs = model.head.marginals(model.emissions(*batch.inputs), batch.mask) / len(teachers)
+            probs = model.marginals(*batch.inputs) / len(teachers)
             for row, i in enumerate(chunk):
                 mine = probs[row, : len(sequences[i].tokens)]
                 previous = out[i]

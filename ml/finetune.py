@@ -443,14 +443,14 @@ class DistillTerm:
         with torch.no_grad():
             for lo in range(0, len(sentences), batch_size):
                 batch = tensorize([s.tokens for s in sentences[lo : lo + batch_size]], vocab, max_word_length)
-                self.batches.append((batch, base.head.marginals(base.emissions(*batch.inputs), batch.inputs[3])))
+                self.batches.append((batch, base.marginals(*batch.inputs)))
         self.next = 0
 
     def __call__(self, model: Tagger) -> Tensor:
         batch, target = self.batches[self.next % len(self.batches)]
         self.next += 1
         mask = batch.inputs[3]
-        model_marginals = model.head.marginals(model.emissions(*batch.inputs), mask)
+        model_marginals = model.marginals(*batch.inputs)
         k = target.size(2)  # the base's tags come first in the grown tag set
         kl = target * (target.clamp(min=1e-8).log() - model_marginals[:, :, :k].clamp(min=1e-8).log())
         return self.weight * kl.sum() / mask.size(0)

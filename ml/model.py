@@ -197,6 +197,10 @@ class Tagger(nn.Module):
     def emissions(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
         return self.projection(self.encode(words, chars, cases, mask))  # (B, T, K)
 
+    def marginals(self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor) -> Tensor:
+        """p(tag_t = k | sentence) (B, T, K), zero at padding (the head's forward-backward)."""
+        return self.head.marginals(self.emissions(words, chars, cases, mask), mask)
+
     def loss(
         self, words: Tensor, chars: Tensor, cases: Tensor, mask: Tensor, tags: Tensor, lm_targets: Optional[Tensor] = None, lm_weight: float = 0.0,
         truecase_targets: Optional[Tensor] = None, truecase_weight: float = 0.0,
